@@ -1,0 +1,1 @@
+from prism.backbones.base import Backbone, BackboneOutput  # noqa: F401

@@ -1,0 +1,42 @@
+"""The contract every MDM backbone meets, so heads, losses and samplers attach to any of them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BackboneOutput:
+    """``hidden_states``: (B, L, hidden_size), the final hidden state that produced ``logits``
+    (what a quality head reads); ``logits``: (B, L, vocab_size), raw unmasking logits (the SUBS
+    parameterisation is applied by ``prism.model.MDM``, not here)."""
+
+    hidden_states: torch.Tensor
+    logits: torch.Tensor
+
+
+class Backbone(nn.Module):
+    """Token ids in; final hidden states and unmasking logits out.
+
+    Subclasses set ``vocab_size`` (including the mask token), ``mask_id`` and ``hidden_size`` and
+    implement ``forward(input_ids, attention_mask=None, t=None)``:
+
+    - ``input_ids``: (B, L) long, masked positions hold ``mask_id``;
+    - ``attention_mask``: optional (B, L) bool/0-1, False marks padding that no token may attend to;
+    - ``t``: optional (B,) diffusion time, used only by time-conditioned backbones.
+    """
+
+    vocab_size: int
+    mask_id: int
+    hidden_size: int
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        t: Optional[torch.Tensor] = None,
+    ) -> BackboneOutput:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,261 @@
+"""``backbones.dit``: MDLM's diffusion transformer (Sahoo et al. 2024, ``models/dit.py``).
+
+adaLN-zero blocks, rotary position embeddings, weight-only LayerNorm, GELU-tanh MLP, and a timestep
+embedder whose output is zero when time conditioning is off (MDLM's default for OWT and PRISM's for
+Sudoku: the parameters exist and are counted, the input sigma is 0). Attention runs on torch SDPA;
+flash-attn is used only when it is installed and the tensors are on CUDA.
+
+Optional ``position_groups``: a LongTensor (n_groups, L) of group ids per position, each row adding a
+learned embedding table (e.g. Sudoku's row / column / 3x3 box ids from
+``tasks.sudoku_position_groups``); with ``group_attention`` a position attends only to positions that
+share a group with it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prism.backbones.base import Backbone, BackboneOutput
+from registry import BACKBONES
+
+try:  # optional CUDA path
+    import flash_attn  # type: ignore
+except Exception:  # pragma: no cover - flash-attn cannot be installed without CUDA
+    flash_attn = None
+
+PRESETS = {
+    # MDLM / PRISM Sudoku model: 28,558,091 parameters at vocab 11.
+    "tiny": dict(hidden_size=512, n_blocks=8, n_heads=8, cond_dim=128),
+    # MDLM OWT model: 169.6M parameters at vocab 50258.
+    "small": dict(hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128),
+    # CPU-sized: trains in minutes to hours on 2 cores (the shipped Sudoku checkpoint).
+    "cpu": dict(hidden_size=128, n_blocks=6, n_heads=4, cond_dim=64),
+    # For tests.
+    "test": dict(hidden_size=32, n_blocks=2, n_heads=2, cond_dim=16),
+}
+
+
+class LayerNorm(nn.Module):
+    """Weight-only LayerNorm (no bias), computed in float32 as MDLM does."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (self.dim,)).to(x.dtype) * self.weight
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer), base 10000, applied to queries and keys."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, length: int, device, dtype):
+        t = torch.arange(length, device=device, dtype=self.inv_freq.dtype)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); cos/sin: (L, D)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal frequency embedding of sigma, then a 2-layer SiLU MLP (DiT / MDLM)."""
+
+    def __init__(self, cond_dim: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(
+            -math.log(10_000) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
+        )
+        args = sigma.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb)
+
+
+class DiTBlock(nn.Module):
+    """One adaLN-zero transformer block: x + gate·Attn(mod(LN(x))), then x + gate·MLP(mod(LN(x)))."""
+
+    def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim)
+        )
+        self.dropout = dropout
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def attention(self, x, rotary, attn_bias):
+        B, L, D = x.shape
+        qkv = self.attn_qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if flash_attn is not None and x.is_cuda and attn_bias is None and x.dtype in (torch.float16, torch.bfloat16):
+            out = flash_attn.flash_attn_func(  # pragma: no cover - CUDA only
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                dropout_p=self.dropout if self.training else 0.0,
+            ).reshape(B, L, D)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0
+            ).transpose(1, 2).reshape(B, L, D)
+        return self.attn_out(out)
+
+    def forward(self, x, c, rotary, attn_bias=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        h = self.attention(modulate(self.norm1(x), shift_msa, scale_msa), rotary, attn_bias)
+        x = x + gate_msa[:, None] * F.dropout(h, self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None] * F.dropout(h, self.dropout, self.training)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a zero-initialised linear map to the vocabulary."""
+
+    def __init__(self, dim: int, vocab_size: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, vocab_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+@BACKBONES.register("dit")
+class DiT(Backbone):
+    """MDLM's DiT as an MDM backbone. ``preset`` ('tiny', 'small', 'cpu', 'test') fills the sizes;
+    explicit arguments override it.
+
+    ``hidden_states`` in the output is the residual stream after the last block (before the final
+    adaLN LayerNorm), the state the final layer maps to logits.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        mask_id: int,
+        preset: Optional[str] = None,
+        hidden_size: Optional[int] = None,
+        n_blocks: Optional[int] = None,
+        n_heads: Optional[int] = None,
+        cond_dim: Optional[int] = None,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        time_conditioning: bool = False,
+        position_groups: Optional[torch.Tensor] = None,
+        group_attention: bool = False,
+    ):
+        super().__init__()
+        sizes = dict(hidden_size=hidden_size, n_blocks=n_blocks, n_heads=n_heads, cond_dim=cond_dim)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"Unknown DiT preset '{preset}'; known presets: {', '.join(PRESETS)}")
+            sizes = {k: (v if v is not None else PRESETS[preset][k]) for k, v in sizes.items()}
+        missing = [k for k, v in sizes.items() if v is None]
+        if missing:
+            raise ValueError(f"backbones.dit needs {missing} (or a preset: {', '.join(PRESETS)})")
+        if not 0 <= mask_id < vocab_size:
+            raise ValueError(f"mask_id {mask_id} is outside the vocabulary [0, {vocab_size})")
+        self.vocab_size, self.mask_id, self.hidden_size = vocab_size, mask_id, sizes["hidden_size"]
+        self.time_conditioning = time_conditioning
+        dim, cond = sizes["hidden_size"], sizes["cond_dim"]
+
+        self.vocab_embed = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.vocab_embed, a=math.sqrt(5))
+        self.sigma_map = TimestepEmbedder(cond)
+        self.rotary = Rotary(dim // sizes["n_heads"])
+        self.blocks = nn.ModuleList(
+            DiTBlock(dim, sizes["n_heads"], cond, mlp_ratio, dropout) for _ in range(sizes["n_blocks"])
+        )
+        self.output_layer = FinalLayer(dim, vocab_size, cond)
+
+        if position_groups is not None:
+            groups = torch.as_tensor(position_groups, dtype=torch.long)
+            if groups.dim() == 1:
+                groups = groups[None]
+            self.register_buffer("position_groups", groups, persistent=False)
+            self.group_embed = nn.ModuleList(
+                nn.Embedding(int(g.max()) + 1, dim) for g in groups
+            )
+            for emb in self.group_embed:
+                nn.init.normal_(emb.weight, std=0.02)
+        else:
+            self.position_groups = None
+        if group_attention:
+            if position_groups is None:
+                raise ValueError("backbones.dit.group_attention needs position_groups")
+            # A position attends only to positions sharing a group with it (for Sudoku: its row,
+            # column and box peers: the constraint graph), an optional inductive bias.
+            share = (self.position_groups[:, :, None] == self.position_groups[:, None, :]).any(0)
+            bias = torch.zeros(share.shape).masked_fill(~share, float("-inf"))
+            self.register_buffer("group_bias", bias, persistent=False)
+        else:
+            self.group_bias = None
+
+    def forward(self, input_ids, attention_mask=None, t=None) -> BackboneOutput:
+        B, L = input_ids.shape
+        x = self.vocab_embed[input_ids]
+        if self.position_groups is not None:
+            if self.position_groups.shape[1] != L:
+                raise ValueError(
+                    f"position_groups cover {self.position_groups.shape[1]} positions, input has {L}"
+                )
+            for groups, emb in zip(self.position_groups, self.group_embed):
+                x = x + emb(groups)[None]
+        sigma = t if (self.time_conditioning and t is not None) else torch.zeros(B, device=x.device)
+        c = F.silu(self.sigma_map(sigma)).to(x.dtype)
+        rotary = self.rotary(L, x.device, x.dtype)
+        attn_bias = None if self.group_bias is None else self.group_bias.to(x.dtype)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # Additive float mask: padding keys get a dtype-min bias so no token attends to them.
+            keep = attention_mask.bool()[:, None, None, :]
+            pad = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
+                ~keep, torch.finfo(x.dtype).min
+            )
+            attn_bias = pad if attn_bias is None else attn_bias + pad
+        for block in self.blocks:
+            x = block(x, c, rotary, attn_bias)
+        logits = self.output_layer(x, c)
+        return BackboneOutput(hidden_states=x, logits=logits)

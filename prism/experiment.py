@@ -1,0 +1,79 @@
+"""``experiment``: what a run is made of. The experiment owns the combination; a task never builds
+a model and a sampler never knows the task."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import gin
+import torch
+from safetensors.torch import load_file
+
+from prism.losses.base import Loss
+from prism.model import MDM
+from tasks.base import Task
+
+
+@dataclass
+class Experiment:
+    model: MDM
+    task: Task
+    loss: Optional[Loss]
+    sampler: Optional[Any]
+    seed: int
+    init_checkpoint: Optional[str]
+
+
+@gin.configurable("experiment")
+def build_experiment(
+    model: MDM = gin.REQUIRED,
+    task: Task = gin.REQUIRED,
+    loss: Optional[Loss] = None,
+    sampler: Optional[Any] = None,
+    seed: int = 0,
+    init_checkpoint: Optional[str] = None,
+) -> Experiment:
+    """Bind the parts of a run. ``init_checkpoint``: weights to start from (a ``.safetensors`` file
+    or a checkpoint directory of ``run.py train``), loaded strictly; relative paths are resolved
+    against the repository root."""
+    if model.vocab_size < task.vocab_size or model.mask_id != task.mask_id:
+        raise ValueError(
+            f"model (vocab {model.vocab_size}, mask id {model.mask_id}) does not fit task "
+            f"{type(task).__name__} (vocab {task.vocab_size}, mask id {task.mask_id})"
+        )
+    if init_checkpoint:
+        load_weights(model, init_checkpoint)
+    return Experiment(model, task, loss, sampler, seed, init_checkpoint)
+
+
+def resolve_weights_path(path: str) -> str:
+    from prism.paths import REPO_ROOT
+
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(REPO_ROOT, path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "weights.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint weights {path} not found")
+    return path
+
+
+def load_weights(model: torch.nn.Module, path: str) -> str:
+    """Load a safetensors state dict into ``model``; a checkpoint that does not match the model fails
+    with the missing, unexpected and mis-shaped names."""
+    path = resolve_weights_path(path)
+    state = load_file(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in set(own) & set(state) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint {path} does not match the model. missing: {missing[:8]}; unexpected: "
+            f"{unexpected[:8]}; shape mismatches: {shapes[:8]}. Check the backbone preset and sizes "
+            "in the gin files against the ones the checkpoint was trained with (its recipe.gin)."
+        )
+    model.load_state_dict(state)
+    return path

@@ -1,0 +1,1 @@
+from prism.losses.base import Loss, LossOutput  # noqa: F401

@@ -1,0 +1,253 @@
+"""``train``: the Accelerate training loop.
+
+AdamW, transformers schedulers (constant / cosine, with warmup), gradient accumulation, clipping,
+optional EMA, mixed precision where the device supports it, per-(seed, rank, step) randomness (so a
+resumed run reproduces the same losses and each rank sees its own data), atomic checkpoints with
+``accelerator.save_state``, metrics to ``metrics.jsonl`` (and to trackers when asked).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from typing import Dict, Optional
+
+import gin
+import numpy as np
+import torch
+from torch import nn
+
+from prism.experiment import Experiment
+
+CKPT_PREFIX = "step_"
+
+
+def step_generator(seed: int, step: int, index: int = 0, domain: int = 0) -> torch.Generator:
+    """A CPU generator whose state is a pure function of (seed, step, index, domain); domain 0 is
+    training, 1 is sampling / evaluation (step = batch index there).
+
+    Training uses index = micro_step * num_processes + rank, so every rank and micro-step gets its
+    own data and noise, a resumed run replays the same stream, and N processes × 1 micro-step see
+    exactly the batches of 1 process × N accumulation micro-steps."""
+    state = np.random.SeedSequence([seed, step, index, domain]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class TrainModule(nn.Module):
+    """Model and loss in ONE module, so DDP sees every backbone pass of a step in one forward."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch, generator):
+        out = self.loss(self.model, batch, generator)
+        return out.loss, out.logs
+
+
+class EMA:
+    """Exponential moving average of the parameters: θ_ema ← d·θ_ema + (1 − d)·θ."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self):
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state):
+        self.decay = state["decay"]
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+    def weights(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        """The model's state dict with EMA values in place of the trained parameters."""
+        state = model.state_dict()
+        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()}
+
+
+def list_checkpoints(output_dir: str):
+    """Complete checkpoints (directories with trainer_state.json), oldest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith(CKPT_PREFIX) and os.path.exists(os.path.join(path, "trainer_state.json")):
+            found.append((int(name[len(CKPT_PREFIX):]), path))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, model: nn.Module, ema: Optional[EMA], keep: int, extra: dict):
+    """``accelerator.save_state`` into a temporary directory, then an atomic rename: a crash while
+    saving leaves the previous checkpoint intact and never a half-written one that looks complete."""
+    from safetensors.torch import save_file
+
+    root = os.path.join(output_dir, "checkpoints")
+    final = os.path.join(root, f"{CKPT_PREFIX}{step:08d}")
+    tmp = os.path.join(root, f".tmp-{CKPT_PREFIX}{step:08d}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        weights = ema.weights(model) if ema is not None else model.state_dict()
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "weights.safetensors"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, **extra}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@gin.configurable("train")
+def train(
+    exp: Experiment,
+    accelerator,
+    output_dir: str,
+    resume: bool = False,
+    steps: int = 1000,
+    batch_size: int = 64,
+    grad_accum: int = 1,
+    lr: float = 3e-4,
+    weight_decay: float = 0.0,
+    betas=(0.9, 0.999),
+    lr_schedule: str = "constant",
+    warmup_steps: int = 0,
+    max_grad_norm: Optional[float] = 1.0,
+    ema_decay: float = 0.0,
+    log_every: int = 50,
+    save_every: int = 500,
+    keep_checkpoints: int = 2,
+    num_threads: Optional[int] = None,
+    compile: bool = False,
+    max_minutes: Optional[float] = None,
+) -> Dict[str, float]:
+    """Train ``exp.model`` with ``exp.loss`` on ``exp.task`` batches.
+
+    ``batch_size`` is per process and micro-step: one optimizer step sees
+    batch_size × grad_accum × num_processes sequences. ``max_minutes`` stops early (with a
+    checkpoint) so a long recipe can run in slices and resume. Returns the last logged metrics.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    if exp.loss is None:
+        raise ValueError("train needs experiment.loss (e.g. experiment.loss = @losses.mdlm())")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    model = exp.model
+    module = TrainModule(model, exp.loss)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    scheduler = get_scheduler(lr_schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    ema = EMA(model, ema_decay) if ema_decay > 0 else None
+    if compile:
+        module = torch.compile(module)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    start = 0
+    if resume:
+        ckpts = list_checkpoints(output_dir)
+        if ckpts:
+            accelerator.load_state(ckpts[-1])
+            with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
+                start = json.load(f)["step"]
+            accelerator.print(f"resumed from {ckpts[-1]} at step {start}")
+        else:
+            accelerator.print(f"--resume: no checkpoint in {output_dir}/checkpoints, starting at step 0")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    last: Dict[str, float] = {}
+    sums: Dict[str, torch.Tensor] = {}
+    n_logged, t_start, t_log = 0, time.time(), time.time()
+    seen_since_log = 0
+    bar = tqdm(total=steps, initial=start, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
+    module.train()
+    step = start
+    stopped_early = False
+    while step < steps:
+        for micro in range(grad_accum):
+            g = step_generator(exp.seed, step, micro * world + rank)
+            batch = {k: v.to(accelerator.device) for k, v in exp.task.train_batch(batch_size, g).items()}
+            # no_sync on all but the last micro-step: gradients are all-reduced once per optimizer step.
+            ctx = accelerator.no_sync(module) if micro < grad_accum - 1 else _nullcontext()
+            with ctx, accelerator.autocast():
+                loss, logs = module(batch, g)
+                accelerator.backward(loss / grad_accum)
+            for k, v in {"loss": loss.detach(), **logs}.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / grad_accum
+        if max_grad_norm:
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + accelerator.clip_grad_norm_(params, max_grad_norm).float()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        n_logged += 1
+        seen_since_log += batch_size * grad_accum * world
+        bar.update(1)
+
+        if step % log_every == 0 or step == steps:
+            keys = sorted(sums)
+            values = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), "mean") / n_logged
+            now = time.time()
+            last = {k: float(v) for k, v in zip(keys, values)}
+            last.update(step=step, lr=scheduler.get_last_lr()[0], seqs_per_s=seen_since_log / (now - t_log),
+                        elapsed_s=now - t_start)
+            if accelerator.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "masked_ce") if k in last})
+            accelerator.log(last, step=step)
+            sums, n_logged, t_log, seen_since_log = {}, 0, now, 0
+        out_of_time = max_minutes is not None and (time.time() - t_start) > 60 * max_minutes
+        if accelerator.is_main_process is False:
+            out_of_time = False
+        out_of_time = bool(accelerator.reduce(torch.tensor([float(out_of_time)], device=accelerator.device), "max").item())
+        if step % save_every == 0 or step == steps or out_of_time:
+            save_checkpoint(accelerator, output_dir, step, model, ema, keep_checkpoints,
+                            {"world_size": world, "metrics": last})
+        if out_of_time:
+            accelerator.print(f"max_minutes={max_minutes} reached at step {step}; resume with --resume")
+            stopped_early = True
+            break
+    bar.close()
+    last["ranks_in_sync"] = float(ranks_in_sync(accelerator, model))
+    last["stopped_early"] = float(stopped_early)
+    if ema is not None:  # evaluate / sample with the averaged weights, as the checkpoint ships them
+        model.load_state_dict(ema.weights(model))
+    return last
+
+
+def ranks_in_sync(accelerator, model: nn.Module) -> bool:
+    """True when every process holds the same parameters (DDP really synchronised gradients)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        probe = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype).remainder(97)).sum()])
+        gathered = accelerator.gather(probe[None].to(accelerator.device))
+    return bool(torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=0, atol=0))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

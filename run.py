@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""The one entry point: parse CLI → gin files + bindings (+ --user-dir plugins) → build on every rank
+→ train | sample | eval.
+
+    python run.py {train,sample,eval} CONFIG.gin [MORE.gin ...] [--bind "name.param = value"]...
+                  [--user-dir DIR]... [--output-dir DIR] [--resume]
+
+One process on a CPU, or N processes with ``accelerate launch`` / ``torchrun`` (every rank parses the
+same gin config before building the model; only the main process writes).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from typing import Dict, List, Optional
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import gin  # noqa: E402
+
+from registry import closest_names, import_user_dir, load_builtin_components  # noqa: E402
+
+VERSIONED = ["torch", "accelerate", "transformers", "peft", "gin-config", "safetensors", "numpy", "datasets"]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["train", "sample", "eval"])
+    p.add_argument("configs", nargs="+", help="gin files (paths, or relative to the repo's gin/ folder)")
+    p.add_argument("--bind", action="append", default=[], help='a gin binding, e.g. "train.steps = 10"')
+    p.add_argument("--user-dir", action="append", default=[], help="a plugin directory to import")
+    p.add_argument("--output-dir", default=None, help="default: runs/<name of the first gin file>")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    return p.parse_args(argv)
+
+
+def _known_gin_names() -> List[str]:
+    names = []
+    for selector, _ in gin.config._REGISTRY.items():
+        if not selector.startswith("gin."):
+            names.append(selector)
+    return names
+
+
+def explain_gin_error(err: Exception) -> str:
+    """Add 'did you mean' to gin's error for an unknown configurable or parameter."""
+    msg = str(err)
+    m = re.search(r"No configurable matching (?:reference )?'@?([\w.]+?)(?:\(\))?'", msg)
+    if m:
+        name = m.group(1)
+        known = _known_gin_names()
+        close = closest_names(name, known) or closest_names(name.split(".")[-1], [k.split(".")[-1] for k in known])
+        kind = name.split(".")[0] if "." in name else None
+        same_kind = sorted(k for k in known if kind and k.startswith(kind + "."))
+        hint = f"\nDid you mean '{close[0]}'?" if close else ""
+        listing = f"\nKnown {kind}: {', '.join(same_kind)}" if same_kind else ""
+        return f"{msg}{hint}{listing}\n(Plugins add components with --user-dir DIR or a gin `import`.)"
+    m = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", msg)
+    if m:
+        selector, param = m.groups()
+        try:
+            fn = gin.config._REGISTRY.get_match(selector).wrapped
+            target = fn.__init__ if inspect.isclass(fn) else fn
+            params = [n for n in inspect.signature(target).parameters if n not in ("self", "args", "kwargs")]
+        except Exception:
+            params = []
+        close = closest_names(param, params)
+        hint = f"\nDid you mean '{selector}.{close[0]}'?" if close else ""
+        return f"{msg}{hint}\nParameters of {selector}: {', '.join(params)}"
+    return msg
+
+
+def resolve_config(path: str) -> str:
+    for candidate in (path, os.path.join(REPO_ROOT, path), os.path.join(REPO_ROOT, "gin", path)):
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"gin file {path!r} not found (looked in ., {REPO_ROOT}, {REPO_ROOT}/gin)")
+
+
+class _QuietSearchPaths(logging.Filter):
+    """gin logs every search-path miss of an ``include`` at ERROR level, even when a later path
+    succeeds; a real miss still fails with an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+def parse_gin(configs: List[str], bindings: List[str]) -> None:
+    logging.getLogger().addFilter(_QuietSearchPaths())
+    for path in (os.path.join(REPO_ROOT, "gin"), REPO_ROOT):
+        if path not in gin.config._LOCATION_PREFIXES:
+            gin.add_config_file_search_path(path)
+    files = [resolve_config(c) for c in configs]
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except (ValueError, ImportError) as err:
+        raise SystemExit(f"gin config error: {explain_gin_error(err)}") from None
+
+
+def git_commit() -> Dict[str, Optional[str]]:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return None
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def run_info(args: argparse.Namespace, accelerator) -> dict:
+    versions = {}
+    for pkg in VERSIONED:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "argv": sys.argv,
+        "command": args.command,
+        "configs": args.configs,
+        "bindings": args.bind,
+        "user_dirs": args.user_dir,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "versions": versions,
+        "git": git_commit(),
+        "num_processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+@gin.configurable("run")
+def run_options(
+    mixed_precision: str = "no",
+    log_with: Optional[str] = None,
+    eval_before_train: bool = False,
+    eval_after_train: bool = False,
+    project_name: str = "prism",
+):
+    """Process-level settings. ``mixed_precision``: 'no' | 'bf16' | 'fp16' (fp16 needs CUDA);
+    ``log_with``: an Accelerate tracker ('tensorboard', 'wandb', ...); ``eval_before_train`` /
+    ``eval_after_train``: run ``evaluate`` around training and print a results table."""
+    return dict(mixed_precision=mixed_precision, log_with=log_with, eval_before_train=eval_before_train,
+                eval_after_train=eval_after_train, project_name=project_name)
+
+
+def make_accelerator(opts: dict, output_dir: str):
+    import torch
+    from accelerate import Accelerator
+
+    # On a machine without CUDA, Accelerate must be told to use the CPU for DDP (gloo); without it,
+    # torchrun ranks would silently train on their own.
+    cpu = not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=opts["mixed_precision"], log_with=opts["log_with"], project_dir=output_dir)
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def format_table(rows: List[dict], columns: List[str]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    load_builtin_components()
+    for d in args.user_dir:
+        import_user_dir(d)
+    parse_gin(args.configs, args.bind)
+
+    import torch
+    from accelerate.utils import set_seed
+
+    from prism.evaluate import generate_and_score
+    from prism.experiment import build_experiment
+    from prism.train import list_checkpoints, train
+
+    output_dir = args.output_dir or os.path.join(REPO_ROOT, "runs", os.path.splitext(os.path.basename(args.configs[0]))[0])
+    os.makedirs(output_dir, exist_ok=True)
+    opts = run_options()
+    accelerator = make_accelerator(opts, output_dir)
+    try:
+        seed = gin.query_parameter("experiment.seed")
+    except ValueError:
+        seed = 0
+    set_seed(seed)  # same seed on every rank: identical initial weights (DDP also broadcasts them)
+    exp = build_experiment()
+    if args.command != "train":
+        ckpts = list_checkpoints(output_dir)
+        if ckpts:  # sample / eval the run's own latest weights; else experiment.init_checkpoint
+            from prism.experiment import load_weights
+
+            load_weights(exp.model, ckpts[-1])
+            accelerator.print(f"loaded weights from {ckpts[-1]}")
+        elif not exp.init_checkpoint:
+            accelerator.print("warning: no checkpoint in the output directory and no experiment.init_checkpoint: "
+                              "sampling from randomly initialised weights")
+    info = run_info(args, accelerator)
+    if accelerator.is_main_process:
+        write_text(os.path.join(output_dir, f"{args.command}_config.gin"), gin.config_str())
+        write_text(os.path.join(output_dir, f"{args.command}_run_info.json"), json.dumps(info, indent=2))
+    if opts["log_with"]:
+        accelerator.init_trackers(opts["project_name"], config={"bindings": args.bind, "configs": args.configs})
+
+    result: dict = {}
+    rows: List[dict] = []
+    if args.command == "train":
+        if opts["eval_before_train"]:
+            rows.append({"weights": "start (" + (exp.init_checkpoint or "random init") + ")", "train steps": 0,
+                         **generate_and_score(exp, accelerator, output_dir, tag="_before")})
+        result["train"] = train(exp, accelerator, output_dir, resume=args.resume)
+        if opts["eval_after_train"]:
+            rows.append({"weights": "after training", "train steps": int(result["train"].get("step", 0)),
+                         **generate_and_score(exp, accelerator, output_dir)})
+    else:
+        metrics = generate_and_score(exp, accelerator, output_dir, score=args.command == "eval")
+        result["eval"] = metrics
+        rows.append({"weights": "loaded", **metrics})
+        if args.command == "eval" and accelerator.is_main_process:
+            write_text(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2))
+    if rows:
+        result["table"] = rows
+        if accelerator.is_main_process and args.command != "sample":
+            columns = [c for c in ["weights", "train steps", "n", "success", "units_valid", "givens_kept", "nfe", "seconds"]
+                       if any(c in r for r in rows)]
+            columns += [c for c in rows[-1] if c not in columns]
+            table = format_table(rows, columns)
+            print("\n" + table)
+            write_text(os.path.join(output_dir, f"{args.command}_results.md"), table + "\n")
+    if accelerator.is_main_process:
+        # The operative config: every parameter actually used by what was built and run.
+        write_text(os.path.join(output_dir, f"{args.command}_operative_config.gin"), gin.operative_config_str())
+        write_text(os.path.join(output_dir, f"{args.command}_result.json"), json.dumps(result, indent=2, default=str))
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from registry import load_builtin_components  # noqa: E402
+
+load_builtin_components()
+
+# A CPU-minute Sudoku experiment: the real base.gin with a test-sized DiT and few steps.
+TINY_GIN = """
+include 'sudoku/base.gin'
+DIT_PRESET = 'test'
+STEPS = 6
+tasks.sudoku.n_train_grids = 256
+tasks.sudoku.cache_dir = None
+train.steps = 8
+train.batch_size = 8
+train.lr = 1e-3
+train.log_every = 2
+train.save_every = 4
+train.num_threads = 1
+evaluate.limit = 12
+evaluate.batch_size = 5
+"""
+
+
+@pytest.fixture
+def tiny_gin(tmp_path):
+    path = tmp_path / "tiny.gin"
+    path.write_text(TINY_GIN)
+    return str(path)
+
+
+def run_py(args, cwd=REPO, env=None, timeout=600, launcher=None):
+    """Run ``run.py`` in a subprocess; fail with its output if it fails."""
+    full_env = dict(os.environ, PYTHONHASHSEED="0", **(env or {}))
+    cmd = (launcher or [sys.executable]) + [os.path.join(REPO, "run.py")] + list(args)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

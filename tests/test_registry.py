@@ -1,0 +1,58 @@
+import gin
+import pytest
+import torch
+
+from registry import BACKBONES, Registry
+from prism.backbones.base import Backbone
+
+
+def test_register_build_and_list():
+    reg = Registry("widgets_a")
+
+    @reg.register("one")
+    class One:
+        def __init__(self, x=1):
+            self.x = x
+
+    assert reg.names() == ["one"]
+    assert reg.build("one", x=3).x == 3
+    # also a gin configurable under its kind
+    gin.parse_config(["widgets_a.one.x = 7"])
+    try:
+        assert reg.build("one").x == 7
+    finally:
+        gin.clear_config()
+
+
+def test_duplicate_name_is_refused():
+    reg = Registry("widgets_b")
+
+    @reg.register("dup")
+    def first():
+        return 1
+
+    with pytest.raises(ValueError, match="duplicate widgets_b 'dup'"):
+        @reg.register("dup")
+        def second():
+            return 2
+
+
+def test_base_class_is_checked():
+    reg = Registry("widgets_c", base=torch.nn.Module)
+    with pytest.raises(TypeError, match="must subclass torch.nn.modules.module.Module"):
+        @reg.register("bad")
+        class NotAModule:
+            pass
+
+
+def test_unknown_name_lists_known_names_and_closest():
+    with pytest.raises(KeyError) as err:
+        BACKBONES.build("ditt")
+    msg = str(err.value)
+    assert "Did you mean 'dit'?" in msg
+    assert "dit, hf" in msg
+
+
+def test_builtin_backbones_subclass_the_contract():
+    for name in BACKBONES.names():
+        assert issubclass(BACKBONES.get(name), Backbone)
