@@ -48,23 +48,31 @@ class TrainModule(nn.Module):
 
 
 class EMA:
-    """Exponential moving average of the parameters: θ_ema ← d·θ_ema + (1 − d)·θ."""
+    """Exponential moving average of the parameters, θ_ema ← d_n·θ_ema + (1 − d_n)·θ, with the usual
+    warm-up d_n = min(decay, (1 + n) / (10 + n)) after n updates, so that early checkpoints are not
+    dominated by the random initialisation (with d = 0.999 a plain EMA still holds 78% of it after
+    250 steps)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module):
+        d = self.current_decay()
         for k, p in model.named_parameters():
             if k in self.shadow:
-                self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+                self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+        self.updates += 1
 
     def state_dict(self):
-        return {"decay": self.decay, "shadow": self.shadow}
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state):
-        self.decay = state["decay"]
+        self.decay, self.updates = state["decay"], state.get("updates", 10**9)
         self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
 
     def weights(self, model: nn.Module) -> Dict[str, torch.Tensor]:
