@@ -43,6 +43,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--user-dir", action="append", default=[], help="a plugin directory to import")
     p.add_argument("--output-dir", default=None, help="default: runs/<name of the first gin file>")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from scratch even though --output-dir holds checkpoints (they are deleted)")
     return p.parse_args(argv)
 
 
@@ -202,6 +204,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     output_dir = args.output_dir or os.path.join(REPO_ROOT, "runs", os.path.splitext(os.path.basename(args.configs[0]))[0])
     os.makedirs(output_dir, exist_ok=True)
+    if args.command == "train" and not args.resume and list_checkpoints(output_dir):
+        if not args.overwrite:
+            raise SystemExit(
+                f"{output_dir} already holds checkpoints of an earlier run. Pass --resume to continue it, "
+                "--overwrite to delete them and start again, or choose another --output-dir."
+            )
     opts = run_options()
     accelerator = make_accelerator(opts, output_dir)
     try:
@@ -220,6 +228,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
         elif not exp.init_checkpoint:
             accelerator.print("warning: no checkpoint in the output directory and no experiment.init_checkpoint: "
                               "sampling from randomly initialised weights")
+    if args.command == "train" and args.overwrite and not args.resume and accelerator.is_main_process:
+        import shutil
+
+        shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
+        for name in ("metrics.jsonl",):
+            if os.path.exists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+    accelerator.wait_for_everyone()
     info = run_info(args, accelerator)
     if accelerator.is_main_process:
         write_text(os.path.join(output_dir, f"{args.command}_config.gin"), gin.config_str())

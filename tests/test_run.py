@@ -82,3 +82,36 @@ def test_two_processes_synchronise_gradients(tiny_gin, tmp_path):
     # and training moved the weights (the comparison is not between two untouched copies)
     moved = [k for k in wd if "adaLN" in k and wd[k].abs().max() > 0]
     assert moved
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_gin, tmp_path):
+    out = str(tmp_path / "bf16")
+    run_py(["train", tiny_gin, "--output-dir", out, "--bind", "run.mixed_precision = 'bf16'", "--bind", "train.steps = 2"])
+    info = json.load(open(os.path.join(out, "train_run_info.json")))
+    assert info["mixed_precision"] == "bf16"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out).values())
+
+
+def test_hf_backbone_composes_from_gin(tiny_gin, tmp_path):
+    """A tiny random Llama, used bidirectionally, swapped in for the DiT by bindings alone."""
+    out = str(tmp_path / "hf")
+    llama = ("{'model_type': 'llama', 'vocab_size': 11, 'hidden_size': 32, 'intermediate_size': 64, "
+             "'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2, 'max_position_embeddings': 128}")
+    binds = ["--bind", "models.mdm.backbone = @backbones.hf()", "--bind", f"backbones.hf.config = {llama}",
+             "--bind", "backbones.hf.mask_id = 0", "--bind", "train.steps = 4"]
+    run_py(["train", tiny_gin, "--output-dir", out, *binds])
+    run_py(["eval", tiny_gin, "--output-dir", out, *binds])
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["n"] == 12 and m["givens_kept"] == 1.0
+    assert "backbones.hf" in open(os.path.join(out, "eval_operative_config.gin")).read()
+
+
+def test_training_again_into_a_used_directory_is_refused(tiny_gin, tmp_path):
+    out = str(tmp_path / "used")
+    run_py(["train", tiny_gin, "--output-dir", out, "--bind", "train.steps = 2", "--bind", "train.save_every = 2"])
+    before = open(os.path.join(out, "checkpoints", "step_00000002", "weights.safetensors"), "rb").read()
+    with pytest.raises(AssertionError, match="already holds checkpoints"):
+        run_py(["train", tiny_gin, "--output-dir", out, "--bind", "train.steps = 2"])
+    assert open(os.path.join(out, "checkpoints", "step_00000002", "weights.safetensors"), "rb").read() == before
+    run_py(["train", tiny_gin, "--output-dir", out, "--bind", "train.steps = 2", "--overwrite"])
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
