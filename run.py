@@ -168,7 +168,10 @@ def make_accelerator(opts: dict, output_dir: str):
     # On a machine without CUDA, Accelerate must be told to use the CPU for DDP (gloo); without it,
     # torchrun ranks would silently train on their own.
     cpu = not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision=opts["mixed_precision"], log_with=opts["log_with"], project_dir=output_dir)
+    # step_scheduler_with_optimizer=False: otherwise Accelerate advances a prepared scheduler once per
+    # process at every optimizer step (warm-up N times too short, cosine past its end on N processes).
+    return Accelerator(cpu=cpu, mixed_precision=opts["mixed_precision"], log_with=opts["log_with"],
+                       project_dir=output_dir, step_scheduler_with_optimizer=False)
 
 
 def write_text(path: str, text: str) -> None:
@@ -218,6 +221,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         seed = 0
     set_seed(seed)  # same seed on every rank: identical initial weights (DDP also broadcasts them)
     exp = build_experiment()
+    if args.command == "train":
+        with accelerator.main_process_first():  # e.g. generate and cache data once, not once per rank
+            exp.task.prepare()
+    set_seed(seed, device_specific=True)  # from here on (dropout, ...) each rank draws its own numbers
     if args.command != "train":
         ckpts = list_checkpoints(output_dir)
         if ckpts:  # sample / eval the run's own latest weights; else experiment.init_checkpoint

@@ -176,6 +176,8 @@ def train(
             with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
                 start = json.load(f)["step"]
             accelerator.print(f"resumed from {ckpts[-1]} at step {start}")
+            if accelerator.is_main_process:
+                drop_logged_after(os.path.join(output_dir, "metrics.jsonl"), start)
         else:
             accelerator.print(f"--resume: no checkpoint in {output_dir}/checkpoints, starting at step 0")
 
@@ -225,10 +227,12 @@ def train(
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "masked_ce") if k in last})
             accelerator.log(last, step=step)
             sums, n_logged, t_log, seen_since_log = {}, 0, now, 0
-        out_of_time = max_minutes is not None and (time.time() - t_start) > 60 * max_minutes
-        if accelerator.is_main_process is False:
-            out_of_time = False
-        out_of_time = bool(accelerator.reduce(torch.tensor([float(out_of_time)], device=accelerator.device), "max").item())
+        out_of_time = False
+        if max_minutes is not None and step % log_every == 0:
+            # Checked at log boundaries only (a resumed run's logged averages then match an
+            # uninterrupted run's); the main process's clock decides, so all ranks stop together.
+            late = accelerator.is_main_process and (time.time() - t_start) > 60 * max_minutes
+            out_of_time = bool(accelerator.reduce(torch.tensor([float(late)], device=accelerator.device), "sum").item())
         if step % save_every == 0 or step == steps or out_of_time:
             save_checkpoint(accelerator, output_dir, step, model, ema, keep_checkpoints,
                             {"world_size": world, "metrics": last})
@@ -242,6 +246,19 @@ def train(
     if ema is not None:  # evaluate / sample with the averaged weights, as the checkpoint ships them
         model.load_state_dict(ema.weights(model))
     return last
+
+
+def drop_logged_after(path: str, step: int) -> None:
+    """Remove metrics rows logged after ``step`` (written after the checkpoint a run resumes from),
+    so that the resumed run's rows are not duplicated."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
 
 
 def ranks_in_sync(accelerator, model: nn.Module) -> bool:

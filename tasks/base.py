@@ -18,6 +18,10 @@ class Task:
     mask_id: int
     seq_len: int
 
+    def prepare(self) -> None:
+        """Load or generate what the task needs (run on the main process first, then the others,
+        so a cache is written once)."""
+
     def train_batch(self, batch_size: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """One training batch, a deterministic function of ``generator``'s state (so a run resumes
         exactly and every rank sees its own data)."""

@@ -225,6 +225,9 @@ class Sudoku(Task):
             self._grids = generate_solved_grids(self.n_train_grids, self.grid_seed, self.cache_dir)
         return self._grids
 
+    def prepare(self) -> None:
+        self.train_grids  # noqa: B018 - generate or load the cached grids
+
     def train_batch(self, batch_size: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         grids = self.train_grids
         idx = torch.randint(len(grids), (batch_size,), generator=generator)

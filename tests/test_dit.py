@@ -53,3 +53,12 @@ def test_group_attention_restricts_one_block_to_peers():
     # cell (0,5) (token 5) shares row 0 with token 0
     y = x.clone(); y[0, 5] = x[0, 5] % 9 + 1
     assert not torch.allclose(m(x).logits[0, 0], m(y).logits[0, 0], atol=1e-6)
+
+
+def test_time_conditioning_changes_the_output_only_when_on():
+    x = torch.randint(0, 11, (2, 10))
+    t1, t2 = torch.tensor([0.2, 0.2]), torch.tensor([0.9, 0.9])
+    off = _trained_like(DiT(vocab_size=11, mask_id=0, preset="test")).eval()
+    assert torch.allclose(off(x, t=t1).logits, off(x, t=t2).logits)
+    on = _trained_like(DiT(vocab_size=11, mask_id=0, preset="test", time_conditioning=True)).eval()
+    assert not torch.allclose(on(x, t=t1).logits, on(x, t=t2).logits)

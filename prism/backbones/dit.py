@@ -244,7 +244,11 @@ class DiT(Backbone):
                 )
             for groups, emb in zip(self.position_groups, self.group_embed):
                 x = x + emb(groups)[None]
-        sigma = t if (self.time_conditioning and t is not None) else torch.zeros(B, device=x.device)
+        if self.time_conditioning and t is not None:
+            # MDLM conditions on the total noise σ(t) = −log(1 − (1 − 1e-3)·t) of the log-linear schedule
+            sigma = -torch.log1p(-(1 - 1e-3) * t.float())
+        else:
+            sigma = torch.zeros(B, device=x.device)
         c = F.silu(self.sigma_map(sigma)).to(x.dtype)
         rotary = self.rotary(L, x.device, x.dtype)
         attn_bias = None if self.group_bias is None else self.group_bias.to(x.dtype)
