@@ -107,7 +107,7 @@ def parse_gin(configs: List[str], bindings: List[str]) -> None:
     files = [resolve_config(c) for c in configs]
     try:
         gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-    except (ValueError, ImportError) as err:
+    except (ValueError, ImportError, OSError) as err:
         raise SystemExit(f"gin config error: {explain_gin_error(err)}") from None
 
 
@@ -153,12 +153,14 @@ def run_options(
     eval_before_train: bool = False,
     eval_after_train: bool = False,
     project_name: str = "prism",
+    overwrite: bool = False,
 ):
     """Process-level settings. ``mixed_precision``: 'no' | 'bf16' | 'fp16' (fp16 needs CUDA);
     ``log_with``: an Accelerate tracker ('tensorboard', 'wandb', ...); ``eval_before_train`` /
-    ``eval_after_train``: run ``evaluate`` around training and print a results table."""
+    ``eval_after_train``: run ``evaluate`` around training and print a results table;
+    ``overwrite``: as ``--overwrite`` (for demo runs whose results are cheap to remake)."""
     return dict(mixed_precision=mixed_precision, log_with=log_with, eval_before_train=eval_before_train,
-                eval_after_train=eval_after_train, project_name=project_name)
+                eval_after_train=eval_after_train, project_name=project_name, overwrite=overwrite)
 
 
 def make_accelerator(opts: dict, output_dir: str):
@@ -207,13 +209,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     output_dir = args.output_dir or os.path.join(REPO_ROOT, "runs", os.path.splitext(os.path.basename(args.configs[0]))[0])
     os.makedirs(output_dir, exist_ok=True)
+    opts = run_options()
+    args.overwrite = args.overwrite or opts["overwrite"]
     if args.command == "train" and not args.resume and list_checkpoints(output_dir):
         if not args.overwrite:
             raise SystemExit(
                 f"{output_dir} already holds checkpoints of an earlier run. Pass --resume to continue it, "
                 "--overwrite to delete them and start again, or choose another --output-dir."
             )
-    opts = run_options()
     accelerator = make_accelerator(opts, output_dir)
     try:
         seed = gin.query_parameter("experiment.seed")

@@ -1,7 +1,7 @@
 """Plot a training run's learning curve (metrics.jsonl) and, optionally, dev-puzzle success rates.
 
     python benchmarks/plot_learning_curve.py runs/sudoku_mdm --processes 2 \
-        --success 1000:0.12 2000:0.35 --out checkpoints/sudoku/learning_curve.png
+        --success 1000:0.12 2000:0.35 --out benchmarks/results/sudoku_learning_curve.png
 
 The x axis is CPU-hours = wall-clock hours x processes (one thread each), as measured by the run.
 """

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import gin
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from prism.losses.base import Loss
 from prism.model import MDM
@@ -55,8 +55,25 @@ def resolve_weights_path(path: str) -> str:
     if os.path.isdir(path):
         path = os.path.join(path, "weights.safetensors")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint weights {path} not found")
+        raise FileNotFoundError(
+            f"checkpoint weights {path} not found. Point experiment.init_checkpoint at a .safetensors file "
+            "or a run's checkpoints/step_XXXXXXXX directory (train one with `python run.py train gin/sudoku/mdm.gin`)."
+        )
     return path
+
+
+def parameter_aliases(model: torch.nn.Module) -> dict:
+    """{name: canonical name} for every parameter name, tied weights (e.g. an LM head sharing the
+    embedding matrix) mapping to the first name that holds the same tensor."""
+    first: dict = {}
+    return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def save_weights(state: dict, model: torch.nn.Module, path: str) -> None:
+    """Write a state dict as safetensors, each tied tensor once (safetensors refuses shared memory)."""
+    aliases = parameter_aliases(model)
+    unique = {k: v.detach().contiguous().cpu() for k, v in state.items() if aliases.get(k, k) == k}
+    save_file(unique, path)
 
 
 def load_weights(model: torch.nn.Module, path: str) -> str:
@@ -65,15 +82,18 @@ def load_weights(model: torch.nn.Module, path: str) -> str:
     path = resolve_weights_path(path)
     state = load_file(path)
     own = model.state_dict()
+    for name, canonical in parameter_aliases(model).items():  # tied weights are stored once
+        if name not in state and canonical in state:
+            state[name] = state[canonical]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in set(own) & set(state) if state[k].shape != own[k].shape]
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
     if missing or unexpected or shapes:
         raise ValueError(
             f"checkpoint {path} does not match the model. missing: {missing[:8]}; unexpected: "
             f"{unexpected[:8]}; shape mismatches: {shapes[:8]}. Check the backbone preset and sizes "
-            "in the gin files against the ones the checkpoint was trained with (its recipe.gin)."
+            "in the gin files against the ones the checkpoint was trained with (its recipe gin file)."
         )
     model.load_state_dict(state)
     return path

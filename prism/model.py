@@ -25,9 +25,9 @@ class MDMOutput:
 def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int) -> torch.Tensor:
     """SUBS parameterisation (MDLM §3.2): the mask token gets zero probability ("zero masking
     probabilities") and unmasked positions carry over their token ("carry-over unmasking")."""
-    logits = logits.float()
-    logits[..., mask_id] = float("-inf")
-    log_probs = torch.log_softmax(logits, dim=-1)
+    never_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    never_mask[mask_id] = True
+    log_probs = torch.log_softmax(logits.float().masked_fill(never_mask, float("-inf")), dim=-1)
     clean = input_ids != mask_id
     carry = torch.full_like(log_probs, float("-inf")).scatter(-1, input_ids[..., None], 0.0)
     return torch.where(clean[..., None], carry, log_probs)
@@ -49,6 +49,11 @@ class MDM(nn.Module):
     @property
     def mask_id(self) -> int:
         return self.backbone.mask_id
+
+    @property
+    def time_conditioned(self) -> bool:
+        """Whether the prediction depends on t (then a sampler may not reuse it at another t)."""
+        return bool(getattr(self.backbone, "time_conditioning", False))
 
     @property
     def vocab_size(self) -> int:

@@ -54,8 +54,12 @@ class EMA:
     250 steps)."""
 
     def __init__(self, model: nn.Module, decay: float):
+        from prism.experiment import parameter_aliases
+
         self.decay, self.updates = decay, 0
+        # float32 copies on each parameter's own device (build after accelerator.prepare on GPUs)
         self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+        self.aliases = parameter_aliases(model)
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -73,12 +77,17 @@ class EMA:
 
     def load_state_dict(self, state):
         self.decay, self.updates = state["decay"], state.get("updates", 10**9)
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        self.shadow = {k: v.to(self.shadow[k].device if k in self.shadow else v.device).clone()
+                       for k, v in state["shadow"].items()}
 
     def weights(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """The model's state dict with EMA values in place of the trained parameters."""
         state = model.state_dict()
-        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()}
+        out = {}
+        for k, v in state.items():
+            src = self.aliases.get(k, k)  # a tied weight takes the average of the tensor it shares
+            out[k] = self.shadow[src].to(v.dtype) if src in self.shadow else v
+        return out
 
 
 def list_checkpoints(output_dir: str):
@@ -97,7 +106,7 @@ def list_checkpoints(output_dir: str):
 def save_checkpoint(accelerator, output_dir: str, step: int, model: nn.Module, ema: Optional[EMA], keep: int, extra: dict):
     """``accelerator.save_state`` into a temporary directory, then an atomic rename: a crash while
     saving leaves the previous checkpoint intact and never a half-written one that looks complete."""
-    from safetensors.torch import save_file
+    from prism.experiment import save_weights
 
     root = os.path.join(output_dir, "checkpoints")
     final = os.path.join(root, f"{CKPT_PREFIX}{step:08d}")
@@ -109,7 +118,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model: nn.Module, e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weights = ema.weights(model) if ema is not None else model.state_dict()
-        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "weights.safetensors"))
+        save_weights(weights, model, os.path.join(tmp, "weights.safetensors"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, **extra}, f)
         shutil.rmtree(final, ignore_errors=True)
@@ -161,10 +170,10 @@ def train(
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
     scheduler = get_scheduler(lr_schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    ema = EMA(model, ema_decay) if ema_decay > 0 else None
     if compile:
         module = torch.compile(module)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    ema = EMA(model, ema_decay) if ema_decay > 0 else None  # after prepare: on the model's device
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 

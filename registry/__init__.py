@@ -9,6 +9,7 @@ Python (``BACKBONES.build("dit", n_blocks=4)``).
 """
 from registry.core import (  # noqa: F401
     BACKBONES,
+    DRAWS,
     HEADS,
     LOSSES,
     REGISTRIES,

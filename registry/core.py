@@ -84,8 +84,9 @@ LOSSES = Registry("losses")
 SAMPLERS = Registry("samplers")
 SCHEDULES = Registry("schedules")
 UNMASK_RULES = Registry("unmask_rules")
+DRAWS = Registry("draws")
 TASKS = Registry("tasks")
-REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, TASKS)}
+REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, DRAWS, TASKS)}
 
 # Modules whose import registers the built-in components.
 BUILTIN_MODULES = (
@@ -134,6 +135,13 @@ def import_user_dir(path: str) -> List[str]:
     names = []
     for file in sorted(os.listdir(path)):
         if file.endswith(".py") and not file.startswith("_"):
-            names.append(file[:-3])
-            importlib.import_module(file[:-3])
+            name = file[:-3]
+            loaded = sys.modules.get(name)
+            if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") != os.path.join(path, file):
+                raise ImportError(
+                    f"--user-dir {path}: {file} is shadowed by the already imported module '{name}' "
+                    f"({getattr(loaded, '__file__', 'built in')}); rename the file"
+                )
+            names.append(name)
+            importlib.import_module(name)
     return names

@@ -55,4 +55,5 @@ print(gin.query_parameter('samplers.mdlm.steps'), gin.query_parameter('%STEPS'),
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     steps_ref, steps, preset_ref, preset, train_steps, batch = proc.stdout.split()
+    assert steps_ref == "%STEPS" and preset_ref == "%DIT_PRESET"  # the components read the macros
     assert steps == "77" and preset == "cpu" and train_steps == "100" and batch == "64"

@@ -56,3 +56,19 @@ def test_unknown_name_lists_known_names_and_closest():
 def test_builtin_backbones_subclass_the_contract():
     for name in BACKBONES.names():
         assert issubclass(BACKBONES.get(name), Backbone)
+
+
+def test_user_dir_of_plain_modules_and_name_clash(tmp_path):
+    from registry import SAMPLERS, import_user_dir
+
+    (tmp_path / "plain_plugin_mod.py").write_text(
+        "from registry import SAMPLERS\n@SAMPLERS.register('plain_plugin_sampler')\ndef f(steps=3):\n    return steps\n")
+    assert import_user_dir(str(tmp_path)) == ["plain_plugin_mod"]
+    assert SAMPLERS.build("plain_plugin_sampler") == 3
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "tasks.py").write_text("raise RuntimeError('never imported')\n")
+    with pytest.raises(ImportError, match="tasks.py is shadowed by the already imported module 'tasks'"):
+        import_user_dir(str(clash))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        import_user_dir(str(tmp_path / "nope"))

@@ -46,18 +46,27 @@ def test_train_sample_eval_end_to_end(tiny_gin, tmp_path):
     assert again == [s["tokens"] for s in samples]
 
 
+SCHEDULE = ["--bind", "train.lr_schedule = 'cosine'", "--bind", "train.warmup_steps = 3", "--bind", "train.ema_decay = 0.9"]
+
+
 def test_resume_reproduces_the_losses(tiny_gin, tmp_path):
+    """Stop after the first logging step (max_minutes = 0), resume: the losses, learning rates and
+    EMA weights equal those of an uninterrupted run (cosine schedule with warm-up, EMA on)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run_py(["train", tiny_gin, "--output-dir", full])
-    run_py(["train", tiny_gin, "--output-dir", part, "--bind", "train.steps = 4"])
+    run_py(["train", tiny_gin, "--output-dir", full, *SCHEDULE])
+    proc = run_py(["train", tiny_gin, "--output-dir", part, *SCHEDULE, "--bind", "train.max_minutes = 0"])
+    assert "max_minutes=0 reached at step 2" in proc.stdout + proc.stderr
     # a crash while saving leaves a temporary directory or one without trainer_state.json: never resumed from
     os.makedirs(os.path.join(part, "checkpoints", ".tmp-step_00000006"))
     os.makedirs(os.path.join(part, "checkpoints", "step_00000007"))
-    proc = run_py(["train", tiny_gin, "--output-dir", part, "--resume"])
-    assert "step_00000004 at step 4" in proc.stdout + proc.stderr
+    proc = run_py(["train", tiny_gin, "--output-dir", part, *SCHEDULE, "--resume"])
+    assert "step_00000002 at step 2" in proc.stdout + proc.stderr
     a, b = read_metrics(full), read_metrics(part)
-    for step in (6, 8):
+    assert sorted(b) == [2, 4, 6, 8]  # each step logged once
+    for step in (2, 4, 6, 8):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-7)
+        assert a[step]["lr"] == pytest.approx(b[step]["lr"], rel=1e-9)
+    assert a[4]["lr"] > a[8]["lr"]  # the cosine schedule is really decaying
     wa = load_file(os.path.join(full, "checkpoints", "step_00000008", "weights.safetensors"))
     wb = load_file(os.path.join(part, "checkpoints", "step_00000008", "weights.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
@@ -68,7 +77,7 @@ def test_two_processes_synchronise_gradients(tiny_gin, tmp_path):
     accumulation micro-steps × batch 4: both see the same 8 sequences per step, and only an
     all-reduce of the gradients makes the 2-process run agree."""
     ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
-    binds = ["--bind", "train.batch_size = 4", "--bind", "train.steps = 4"]
+    binds = ["--bind", "train.batch_size = 4", "--bind", "train.steps = 4", "--bind", "train.log_every = 1", *SCHEDULE]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_py(["train", tiny_gin, "--output-dir", ddp, *binds], env={"ACCELERATE_USE_CPU": "true"}, launcher=torchrun)
     run_py(["train", tiny_gin, "--output-dir", single, *binds, "--bind", "train.grad_accum = 2"])
@@ -78,7 +87,9 @@ def test_two_processes_synchronise_gradients(tiny_gin, tmp_path):
     assert state["world_size"] == 2
     wd = load_file(os.path.join(ddp, "checkpoints", "step_00000004", "weights.safetensors"))
     ws = load_file(os.path.join(single, "checkpoints", "step_00000004", "weights.safetensors"))
-    assert all(torch.allclose(wd[k], ws[k], atol=2e-5) for k in wd)
+    assert all(torch.allclose(wd[k], ws[k], atol=2e-5) for k in wd)  # EMA weights
+    # one scheduler step per optimizer step on every process count
+    assert [r["lr"] for r in read_metrics(ddp).values()] == pytest.approx([r["lr"] for r in read_metrics(single).values()])
     # and training moved the weights (the comparison is not between two untouched copies)
     moved = [k for k in wd if "adaLN" in k and wd[k].abs().max() > 0]
     assert moved

@@ -6,7 +6,7 @@ import torch
 
 import prism.samplers.draw as draw
 from prism.samplers import Sampler, mdlm_sampler
-from prism.samplers.draw import gumbel_max, nucleus_filter
+from prism.samplers.draw import GumbelDraw, gumbel_max, nucleus_filter
 from prism.samplers.rules import ConfidenceUnmask, select_top
 from prism.samplers.schedules import FixedCountSchedule, MDLMSchedule
 
@@ -52,7 +52,7 @@ def test_fixed_positions_never_change_and_no_masks_remain():
     ids = torch.randint(1, 5, (16, 20))
     fixed = torch.rand(16, 20) < 0.4
     ids = torch.where(fixed, ids, torch.zeros_like(ids))
-    for sampler in (mdlm_sampler(steps=7), Sampler(FixedCountSchedule(5), ConfidenceUnmask())):
+    for sampler in (mdlm_sampler(steps=7), Sampler(FixedCountSchedule(5), ConfidenceUnmask(), GumbelDraw())):
         out = sampler(UniformModel(), {"input_ids": ids, "fixed": fixed}, torch.Generator().manual_seed(1))
         assert (out.tokens[fixed] == ids[fixed]).all()
         assert (out.tokens != 0).all()
@@ -120,3 +120,23 @@ def test_draws_are_per_sequence():
     lp = torch.full((64, 30, 5), -math.log(5.0))
     x = gumbel_max(lp, torch.Generator().manual_seed(0))
     assert len({tuple(r.tolist()) for r in x}) == 64
+
+
+def test_time_conditioned_models_are_not_cached():
+    model = UniformModel()
+    model.time_conditioned = True
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "fixed": torch.zeros(2, 4, dtype=torch.bool)}
+    out = mdlm_sampler(steps=50)(model, batch, torch.Generator().manual_seed(0), trace=True)
+    # one forward at every executed step (plus the final noise removal if masks remain)
+    assert out.nfe == len(out.trace) + int((out.trace[-1]["z"] == 0).sum() > out.trace[-1]["unmasked"].sum())
+
+
+def test_remask_counts_are_refused_until_remasking_exists():
+    class Remasking(FixedCountSchedule):
+        def counts(self, i, n_masked, n_clean, generator):
+            n, _ = super().counts(i, n_masked, n_clean, generator)
+            return n, torch.ones_like(n)
+
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "fixed": torch.zeros(1, 4, dtype=torch.bool)}
+    with pytest.raises(NotImplementedError, match="does not remask yet"):
+        Sampler(Remasking(4))(UniformModel(), batch)

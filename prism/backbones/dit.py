@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prism.backbones.base import Backbone, BackboneOutput
-from registry import BACKBONES
+from registry import BACKBONES, closest_names
 
 try:  # optional CUDA path
     import flash_attn  # type: ignore
@@ -191,7 +191,9 @@ class DiT(Backbone):
         sizes = dict(hidden_size=hidden_size, n_blocks=n_blocks, n_heads=n_heads, cond_dim=cond_dim)
         if preset is not None:
             if preset not in PRESETS:
-                raise ValueError(f"Unknown DiT preset '{preset}'; known presets: {', '.join(PRESETS)}")
+                close = closest_names(preset, list(PRESETS))
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"Unknown DiT preset '{preset}'.{hint} Known presets: {', '.join(PRESETS)}")
             sizes = {k: (v if v is not None else PRESETS[preset][k]) for k, v in sizes.items()}
         missing = [k for k, v in sizes.items() if v is None]
         if missing:

@@ -58,6 +58,8 @@ class HFBackbone(Backbone):
             )
         else:
             cfg = dict(config)
+            if "model_type" not in cfg:
+                raise ValueError("backbones.hf.config needs a 'model_type' (e.g. 'llama'), as in a config.json")
             model_type = cfg.pop("model_type")
             hf_config = transformers.AutoConfig.for_model(model_type, **cfg)
             hf_config._attn_implementation = attn_implementation

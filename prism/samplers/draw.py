@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from registry import DRAWS
+
 
 def nucleus_filter(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability sums to at least ``top_p`` (Holtzman et al.
@@ -40,3 +42,16 @@ def gumbel_max(
     u = torch.rand(lp.shape, generator=generator, dtype=torch.float64).to(lp.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (lp + gumbel).argmax(-1)
+
+
+@DRAWS.register("gumbel")
+class GumbelDraw:
+    """The draw part of a sampler: ``gumbel_max`` with fixed temperature and nucleus p."""
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0):
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, log_probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return gumbel_max(log_probs, generator, self.temperature, self.top_p)
