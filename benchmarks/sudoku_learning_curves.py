@@ -25,6 +25,7 @@ VARIANTS = {
     "lr_3e-4": ["train.lr = 3e-4"],
     "no_augmentation": ["tasks.sudoku.augment = False"],
     "4_blocks": ["backbones.dit.n_blocks = 4"],
+    "cosine_noise": ["losses.mdlm.noise = @noise.cosine()"],
 }
 
 

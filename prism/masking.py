@@ -1,17 +1,59 @@
-"""The forward (masking) process of MDLM with the log-linear schedule α_t = 1 − t.
+"""The forward (masking) process: noise schedules α_t (``noise.loglinear``, MDLM's default α_t = 1 − t,
+and ``noise.cosine``), t sampling, masking.
 
 Positions marked ``fixed`` (givens, separators, prompts, padding) are never masked.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
+from registry import NOISE
+
+
+class NoiseSchedule:
+    """α_t: the probability that a token is still clean at time t ∈ [0, 1] (α_0 = 1, α_1 = 0).
+
+    ``weight(t)`` = −α'_t / (1 − α_t), the NELBO weight of the cross-entropy at t (MDLM Eq. 10)."""
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@NOISE.register("loglinear")
+class LogLinear(NoiseSchedule):
+    """MDLM's log-linear schedule: α_t = 1 − t, weight 1/t."""
+
+    def alpha(self, t):
+        return 1.0 - t
+
+    def weight(self, t):
+        return 1.0 / t
+
+
+@NOISE.register("cosine")
+class Cosine(NoiseSchedule):
+    """α_t = cos(πt/2) (MaskGIT / MD4): fewer masks early in t, more late; weight
+    (π/2)·sin(πt/2) / (1 − cos(πt/2))."""
+
+    def alpha(self, t):
+        return torch.cos(0.5 * math.pi * t)
+
+    def weight(self, t):
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * t) / (1.0 - torch.cos(0.5 * math.pi * t))
+
+
+LOGLINEAR = LogLinear()
+
 
 def alpha(t: torch.Tensor) -> torch.Tensor:
     """Log-linear schedule of MDLM: α_t = 1 − t, the probability that a token is still clean at t."""
-    return 1.0 - t
+    return LOGLINEAR.alpha(t)
 
 
 def sample_t(
@@ -31,13 +73,15 @@ def mask_tokens(
     mask_id: int,
     fixed: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    noise: Optional[NoiseSchedule] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Draw z_t ~ q(z_t | x): each non-fixed token becomes ``mask_id`` with probability 1 − α_t = t.
+    """Draw z_t ~ q(z_t | x): each non-fixed token becomes ``mask_id`` with probability 1 − α_t
+    (= t for the default log-linear schedule).
 
     Returns (z, masked) where ``masked`` (B, L) bool marks the positions that were masked.
     """
     u = torch.rand(x.shape, generator=generator).to(x.device)
-    masked = u < (1.0 - alpha(t)).to(x.device)[:, None]
+    masked = u < (1.0 - (noise or LOGLINEAR).alpha(t)).to(x.device)[:, None]
     if fixed is not None:
         masked &= ~fixed
     return torch.where(masked, torch.full_like(x, mask_id), x), masked

@@ -12,6 +12,7 @@ from registry.core import (  # noqa: F401
     DRAWS,
     HEADS,
     LOSSES,
+    NOISE,
     REGISTRIES,
     SAMPLERS,
     SCHEDULES,

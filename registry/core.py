@@ -85,11 +85,13 @@ SAMPLERS = Registry("samplers")
 SCHEDULES = Registry("schedules")
 UNMASK_RULES = Registry("unmask_rules")
 DRAWS = Registry("draws")
+NOISE = Registry("noise")
 TASKS = Registry("tasks")
-REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, DRAWS, TASKS)}
+REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, DRAWS, NOISE, TASKS)}
 
 # Modules whose import registers the built-in components.
 BUILTIN_MODULES = (
+    "prism.masking",
     "prism.model",
     "prism.experiment",
     "prism.train",

@@ -18,7 +18,7 @@ def test_nelbo_hand_computed():
     probs[0, 0] = torch.tensor([0.7, 0.3, 0.0])
     probs[0, 2] = torch.tensor([0.2, 0.8, 0.0])
     probs[1, 1] = torch.tensor([0.4, 0.6, 0.0])
-    out = MDLMLoss.nelbo(probs.log(), x, masked, fixed, t)
+    out = MDLMLoss.nelbo(probs.log(), x, masked, fixed, 1 / t)
     # Σ_masked (1/t) · −log p(x_i), over the 5 non-fixed positions
     expected = ((-math.log(0.7) - math.log(0.2)) / 0.5 + (-math.log(0.6)) / 0.25) / 5
     assert math.isclose(out.loss.item(), expected, rel_tol=1e-6)
@@ -70,3 +70,22 @@ def test_loss_end_to_end_matches_formula_on_a_real_model():
     expected = (nll * masked / t[:, None]).sum() / (~fixed).sum()
     assert torch.allclose(out.loss, expected)
     out.loss.backward()  # differentiable
+
+
+def test_cosine_noise_schedule_hand_computed():
+    from prism.masking import Cosine, LogLinear
+    from prism.samplers.schedules import MDLMSchedule
+
+    t = torch.tensor([0.5])
+    c = Cosine()
+    assert math.isclose(c.alpha(t).item(), math.cos(math.pi / 4), rel_tol=1e-6)
+    # −α'/(1 − α) at t = 1/2: (π/2)·sin(π/4) / (1 − cos(π/4))
+    assert math.isclose(c.weight(t).item(), (math.pi / 2) * math.sin(math.pi / 4) / (1 - math.cos(math.pi / 4)), rel_tol=1e-6)
+    assert math.isclose(LogLinear().weight(t).item(), 2.0)
+    s = MDLMSchedule(steps=2, eps=0.0, noise=c)  # grid 1, 0.5, 0
+    assert math.isclose(s.unmask_probability(0), math.cos(math.pi / 4), rel_tol=1e-9)  # (α_.5 − 0)/(1 − 0)
+    assert math.isclose(s.unmask_probability(1), 1.0, rel_tol=1e-9)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 5, (2000, 50))
+    _, masked = mask_tokens(x, torch.full((2000,), 0.5), 0, None, g, noise=c)
+    assert abs(masked.float().mean().item() - (1 - math.cos(math.pi / 4))) < 0.005

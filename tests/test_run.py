@@ -126,3 +126,14 @@ def test_training_again_into_a_used_directory_is_refused(tiny_gin, tmp_path):
     assert open(os.path.join(out, "checkpoints", "step_00000002", "weights.safetensors"), "rb").read() == before
     run_py(["train", tiny_gin, "--output-dir", out, "--bind", "train.steps = 2", "--overwrite"])
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
+
+
+def test_export_latest_checkpoint(tiny_gin, tmp_path):
+    out = str(tmp_path / "run")
+    run_py(["train", tiny_gin, "--output-dir", out])
+    target = str(tmp_path / "model.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "prism.export", out, target], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.load(open(str(tmp_path / "model.json")))
+    assert meta["step"] == 8 and "train.steps = 8" in meta["operative_config"] and meta["run_info"]["versions"]["torch"]
+    assert open(target, "rb").read() == open(os.path.join(out, "checkpoints", "step_00000008", "weights.safetensors"), "rb").read()

@@ -9,36 +9,41 @@ per-generated-token NELBO.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from prism.losses.base import Loss, LossOutput
-from prism.masking import mask_tokens, sample_t
+from prism.masking import LogLinear, NoiseSchedule, mask_tokens, sample_t
 from registry import LOSSES
 
 
 @LOSSES.register("mdlm")
 class MDLMLoss(Loss):
-    """MDLM NELBO: t ~ U[eps, 1] (antithetic), mask each non-fixed token w.p. t, CE on masked
-    positions weighted 1/t (SUBS parameterisation in ``prism.model``)."""
+    """MDLM NELBO: t ~ U[eps, 1] (antithetic), mask each non-fixed token w.p. 1 − α_t, CE on masked
+    positions weighted −α'_t/(1 − α_t) (= t and 1/t for the default log-linear ``noise``; SUBS
+    parameterisation in ``prism.model``)."""
 
-    def __init__(self, eps: float = 1e-3, antithetic: bool = True):
+    def __init__(self, eps: float = 1e-3, antithetic: bool = True, noise: Optional[NoiseSchedule] = None):
         super().__init__()
         self.eps, self.antithetic = eps, antithetic
+        self.noise = noise or LogLinear()
 
     def forward(self, model, batch, generator) -> LossOutput:
         x, fixed = batch["input_ids"], batch["fixed"]
         attention_mask = batch.get("attention_mask")
         t = sample_t(x.shape[0], self.eps, self.antithetic, generator).to(x.device)
-        z, masked = mask_tokens(x, t, model.mask_id, fixed, generator)
+        z, masked = mask_tokens(x, t, model.mask_id, fixed, generator, self.noise)
         out = model(z, attention_mask=attention_mask, t=t)
-        return self.nelbo(out.log_probs, x, masked, fixed, t)
+        return self.nelbo(out.log_probs, x, masked, fixed, self.noise.weight(t))
 
     @staticmethod
-    def nelbo(log_probs, x, masked, fixed, t) -> LossOutput:
-        """The weighted cross-entropy of Eq. 11 given the model's SUBS log-probabilities."""
+    def nelbo(log_probs, x, masked, fixed, weight) -> LossOutput:
+        """The weighted cross-entropy of Eq. 11 given the model's SUBS log-probabilities;
+        ``weight`` (B,) is −α'_t / (1 − α_t) (1/t for the log-linear schedule)."""
         nll = -log_probs.gather(-1, x[..., None]).squeeze(-1)
         nll = torch.where(masked, nll, torch.zeros_like(nll))
-        weighted = nll / t[:, None]
+        weighted = nll * weight[:, None]
         n_free = (~fixed).sum().clamp(min=1)
         n_masked = masked.sum().clamp(min=1)
         loss = weighted.sum() / n_free

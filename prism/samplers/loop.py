@@ -93,8 +93,9 @@ class Sampler:
 
 @SAMPLERS.register("mdlm")
 def mdlm_sampler(
-    steps: int = 128, eps: float = 1e-5, temperature: float = 1.0, top_p: float = 1.0, noise_removal: bool = True
+    steps: int = 128, eps: float = 1e-5, temperature: float = 1.0, top_p: float = 1.0, noise_removal: bool = True,
+    noise=None,
 ) -> Sampler:
-    """MDLM's ancestral sampler: ``schedules.mdlm`` (Binomial((t−s)/t) unmasking) with uniformly
-    random positions, float64 Gumbel-max draws, caching of unchanged steps."""
-    return Sampler(MDLMSchedule(steps, eps), RandomUnmask(), GumbelDraw(temperature, top_p), noise_removal)
+    """MDLM's ancestral sampler: ``schedules.mdlm`` (Binomial((α_s − α_t)/(1 − α_t)) unmasking) with
+    uniformly random positions, float64 Gumbel-max draws, caching of unchanged steps."""
+    return Sampler(MDLMSchedule(steps, eps, noise), RandomUnmask(), GumbelDraw(temperature, top_p), noise_removal)

@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from prism.masking import LogLinear, NoiseSchedule
 from registry import SCHEDULES
 
 
@@ -29,27 +30,29 @@ class Schedule:
 
 @SCHEDULES.register("mdlm")
 class MDLMSchedule(Schedule):
-    """MDLM ancestral sampling (Sahoo et al. 2024, Eq. 7 with α_t = 1 − t): on the grid t_i from 1 to
-    ``eps`` in ``steps`` steps, each masked token unmasks at step t → s with probability
+    """MDLM ancestral sampling (Sahoo et al. 2024, Eq. 7): on the grid t_i from 1 to ``eps`` in
+    ``steps`` steps, each masked token unmasks at step t → s with probability
 
-        (α_s − α_t) / (1 − α_t) = (t − s) / t,
+        (α_s − α_t) / (1 − α_t)    (= (t − s) / t for the default log-linear α_t = 1 − t),
 
     independently; so the count is Binomial(#masked, (t − s)/t) and, drawn with the ``random``
     unmasking rule, the chosen set is a uniform subset of that size — the same law. Nothing is
     remasked."""
 
-    def __init__(self, steps: int = 128, eps: float = 1e-5):
+    def __init__(self, steps: int = 128, eps: float = 1e-5, noise: Optional[NoiseSchedule] = None):
         if steps < 1:
             raise ValueError(f"schedules.mdlm.steps must be >= 1, got {steps}")
         self.n_steps, self.eps = steps, eps
+        self.noise = noise or LogLinear()
         self.grid = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
 
     def time(self, i):
         return float(self.grid[i]), float(self.grid[i + 1])
 
     def unmask_probability(self, i: int) -> float:
-        t, s = self.time(i)
-        return ((1 - s) - (1 - t)) / (1 - (1 - t))
+        """(α_s − α_t) / (1 − α_t) for step i from t to s."""
+        a_t, a_s = self.noise.alpha(self.grid[i]), self.noise.alpha(self.grid[i + 1])
+        return float((a_s - a_t) / (1 - a_t))
 
     def counts(self, i, n_masked, n_clean, generator):
         p = torch.full(n_masked.shape, self.unmask_probability(i), dtype=torch.float64)

@@ -1,0 +1,61 @@
+"""Export the latest (or a given) checkpoint of a training run as a standalone weights file.
+
+    python -m prism.export runs/sudoku_mdm gin/sudoku/mdm.safetensors [--step N]
+
+Writes OUT (the checkpoint's ``weights.safetensors``: EMA weights when the run used EMA) and
+OUT with ``.json`` in place of ``.safetensors``: the step, the run's last logged metrics, the run
+information (versions, git commit, processes) and the operative gin config it was trained with.
+Both files are written to temporary names and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from prism.train import list_checkpoints
+
+
+def export(run_dir: str, out: str, step: int | None = None) -> dict:
+    ckpts = list_checkpoints(run_dir)
+    if step is not None:
+        ckpts = [c for c in ckpts if c.endswith(f"{step:08d}")]
+    if not ckpts:
+        raise SystemExit(f"no {'checkpoint at step ' + str(step) if step else 'checkpoint'} in {run_dir}/checkpoints")
+    ckpt = ckpts[-1]
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        state = json.load(f)
+    meta = {"source": os.path.abspath(ckpt), **state}
+    for name in ("train_run_info.json",):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                meta["run_info"] = json.load(f)
+    operative = os.path.join(run_dir, "train_operative_config.gin")
+    if os.path.exists(operative):
+        with open(operative) as f:
+            meta["operative_config"] = f.read()
+    tmp = out + ".tmp"
+    shutil.copyfile(os.path.join(ckpt, "weights.safetensors"), tmp)
+    os.replace(tmp, out)
+    meta_path = os.path.splitext(out)[0] + ".json"
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(meta_path + ".tmp", meta_path)
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--step", type=int, default=None)
+    args = p.parse_args(argv)
+    meta = export(args.run_dir, args.out, args.step)
+    print(f"exported step {meta['step']} of {args.run_dir} to {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
