@@ -193,6 +193,50 @@ def format_table(rows: List[dict], columns: List[str]) -> str:
     return "\n".join(lines)
 
 
+def check_output_dir(args: argparse.Namespace, output_dir: str) -> None:
+    """Never train over an earlier run's checkpoints unless asked to (--resume or --overwrite)."""
+    from prism.train import list_checkpoints
+
+    if args.command == "train" and not args.resume and list_checkpoints(output_dir) and not args.overwrite:
+        raise SystemExit(
+            f"{output_dir} already holds checkpoints of an earlier run. Pass --resume to continue it, "
+            "--overwrite to delete them and start again, or choose another --output-dir."
+        )
+
+
+def clear_output_dir(output_dir: str) -> None:
+    import shutil
+
+    shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
+    if os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
+        os.remove(os.path.join(output_dir, "metrics.jsonl"))
+
+
+def load_run_weights(exp, output_dir: str, accelerator) -> str:
+    """For sample / eval: the run's own latest checkpoint if it has one, else
+    experiment.init_checkpoint (already loaded), else the random initialisation (with a warning)."""
+    from prism.experiment import load_weights
+    from prism.train import list_checkpoints
+
+    ckpts = list_checkpoints(output_dir)
+    if ckpts:
+        load_weights(exp.model, ckpts[-1])
+        accelerator.print(f"loaded weights from {ckpts[-1]}")
+        return os.path.relpath(ckpts[-1], REPO_ROOT) if ckpts[-1].startswith(REPO_ROOT) else ckpts[-1]
+    if exp.init_checkpoint:
+        return exp.init_checkpoint
+    accelerator.print("warning: no checkpoint in the output directory and no experiment.init_checkpoint: "
+                      "sampling from randomly initialised weights")
+    return "random init"
+
+
+def results_table(rows: List[dict]) -> str:
+    columns: List[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    return format_table(rows, columns)
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     load_builtin_components()
@@ -200,23 +244,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
         import_user_dir(d)
     parse_gin(args.configs, args.bind)
 
-    import torch
     from accelerate.utils import set_seed
 
     from prism.evaluate import generate_and_score
     from prism.experiment import build_experiment
-    from prism.train import list_checkpoints, train
+    from prism.train import train
 
     output_dir = args.output_dir or os.path.join(REPO_ROOT, "runs", os.path.splitext(os.path.basename(args.configs[0]))[0])
     os.makedirs(output_dir, exist_ok=True)
     opts = run_options()
     args.overwrite = args.overwrite or opts["overwrite"]
-    if args.command == "train" and not args.resume and list_checkpoints(output_dir):
-        if not args.overwrite:
-            raise SystemExit(
-                f"{output_dir} already holds checkpoints of an earlier run. Pass --resume to continue it, "
-                "--overwrite to delete them and start again, or choose another --output-dir."
-            )
+    check_output_dir(args, output_dir)
     accelerator = make_accelerator(opts, output_dir)
     try:
         seed = gin.query_parameter("experiment.seed")
@@ -227,29 +265,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.command == "train":
         with accelerator.main_process_first():  # e.g. generate and cache data once, not once per rank
             exp.task.prepare()
+        if args.overwrite and not args.resume and accelerator.is_main_process:
+            clear_output_dir(output_dir)
+        weights = exp.init_checkpoint or "random init"
+    else:
+        weights = load_run_weights(exp, output_dir, accelerator)
     set_seed(seed, device_specific=True)  # from here on (dropout, ...) each rank draws its own numbers
-    if args.command != "train":
-        ckpts = list_checkpoints(output_dir)
-        if ckpts:  # sample / eval the run's own latest weights; else experiment.init_checkpoint
-            from prism.experiment import load_weights
-
-            load_weights(exp.model, ckpts[-1])
-            accelerator.print(f"loaded weights from {ckpts[-1]}")
-        elif not exp.init_checkpoint:
-            accelerator.print("warning: no checkpoint in the output directory and no experiment.init_checkpoint: "
-                              "sampling from randomly initialised weights")
-    if args.command == "train" and args.overwrite and not args.resume and accelerator.is_main_process:
-        import shutil
-
-        shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
-        for name in ("metrics.jsonl",):
-            if os.path.exists(os.path.join(output_dir, name)):
-                os.remove(os.path.join(output_dir, name))
     accelerator.wait_for_everyone()
-    info = run_info(args, accelerator)
     if accelerator.is_main_process:
         write_text(os.path.join(output_dir, f"{args.command}_config.gin"), gin.config_str())
-        write_text(os.path.join(output_dir, f"{args.command}_run_info.json"), json.dumps(info, indent=2))
+        write_text(os.path.join(output_dir, f"{args.command}_run_info.json"),
+                   json.dumps(run_info(args, accelerator), indent=2))
     if opts["log_with"]:
         accelerator.init_trackers(opts["project_name"], config={"bindings": args.bind, "configs": args.configs})
 
@@ -257,28 +283,23 @@ def main(argv: Optional[List[str]] = None) -> dict:
     rows: List[dict] = []
     if args.command == "train":
         if opts["eval_before_train"]:
-            rows.append({"weights": "start (" + (exp.init_checkpoint or "random init") + ")", "train steps": 0,
+            rows.append({"weights": weights, "train steps": 0,
                          **generate_and_score(exp, accelerator, output_dir, tag="_before")})
         result["train"] = train(exp, accelerator, output_dir, resume=args.resume)
         if opts["eval_after_train"]:
             rows.append({"weights": "after training", "train steps": int(result["train"].get("step", 0)),
                          **generate_and_score(exp, accelerator, output_dir)})
     else:
-        metrics = generate_and_score(exp, accelerator, output_dir, score=args.command == "eval")
-        result["eval"] = metrics
-        rows.append({"weights": "loaded", **metrics})
+        result["eval"] = generate_and_score(exp, accelerator, output_dir, score=args.command == "eval")
+        rows.append({"weights": weights, **result["eval"]})
         if args.command == "eval" and accelerator.is_main_process:
-            write_text(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2))
-    if rows:
-        result["table"] = rows
-        if accelerator.is_main_process and args.command != "sample":
-            columns = [c for c in ["weights", "train steps", "n", "success", "units_valid", "givens_kept", "nfe", "seconds"]
-                       if any(c in r for r in rows)]
-            columns += [c for c in rows[-1] if c not in columns]
-            table = format_table(rows, columns)
+            write_text(os.path.join(output_dir, "metrics.json"), json.dumps(result["eval"], indent=2))
+    if accelerator.is_main_process:
+        if rows and args.command != "sample":
+            result["table"] = rows
+            table = results_table(rows)
             print("\n" + table)
             write_text(os.path.join(output_dir, f"{args.command}_results.md"), table + "\n")
-    if accelerator.is_main_process:
         # The operative config: every parameter actually used by what was built and run.
         write_text(os.path.join(output_dir, f"{args.command}_operative_config.gin"), gin.operative_config_str())
         write_text(os.path.join(output_dir, f"{args.command}_result.json"), json.dumps(result, indent=2, default=str))
