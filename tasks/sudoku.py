@@ -192,7 +192,7 @@ class Sudoku(Task):
     ``clues_min``-``clues_max`` cells kept fixed (never masked), as at test time; with
     ``conditional=False`` only the EOLs are fixed (the paper's unconditional training).
     Evaluation: ``eval_file`` under ``data_dir`` (default ``hard_sudokus_dev.csv``), the first
-    ``eval_limit`` rows.
+    ``eval_limit`` rows; held-out solved grids for losses: ``valid_file``.
     """
 
     vocab_size, mask_id, seq_len = VOCAB, MASK, SEQ_LEN
@@ -201,6 +201,7 @@ class Sudoku(Task):
         self,
         data_dir: Optional[str] = None,
         eval_file: str = "hard_sudokus_dev.csv",
+        valid_file: str = "easy_sudokus_answer_valid.csv",
         eval_limit: Optional[int] = None,
         n_train_grids: int = 50_000,
         grid_seed: int = 0,
@@ -211,7 +212,7 @@ class Sudoku(Task):
         clues_max: int = 50,
     ):
         self.data_dir = data_dir or os.path.join(DATA_ROOT, "sudoku")
-        self.eval_file, self.eval_limit = eval_file, eval_limit
+        self.eval_file, self.eval_limit, self.valid_file = eval_file, eval_limit, valid_file
         self.n_train_grids, self.grid_seed, self.cache_dir = n_train_grids, grid_seed, cache_dir
         self.augment, self.conditional = augment, conditional
         if not 0 <= clues_min <= clues_max <= 81:
@@ -234,13 +235,26 @@ class Sudoku(Task):
         batch_grids = grids[idx]
         if self.augment:
             batch_grids = augment_grids(batch_grids, generator)
-        tokens = grids_to_tokens(batch_grids)
+        return self.with_clues(grids_to_tokens(batch_grids), generator, self.conditional)
+
+    def with_clues(self, tokens: torch.Tensor, generator: torch.Generator, conditional: bool = True) -> Dict[str, torch.Tensor]:
+        """A batch of solved grids with EOLs fixed and, if ``conditional``, a random clue set of
+        ``clues_min``-``clues_max`` cells per grid fixed too."""
+        B = tokens.shape[0]
         fixed = tokens == EOL
-        if self.conditional:
-            n_clues = torch.randint(self.clues_min, self.clues_max + 1, (batch_size, 1), generator=generator)
-            rank = torch.argsort(torch.rand(batch_size, 81, generator=generator), dim=1)
+        if conditional:
+            n_clues = torch.randint(self.clues_min, self.clues_max + 1, (B, 1), generator=generator)
+            rank = torch.argsort(torch.rand(B, 81, generator=generator), dim=1)
             fixed[:, CELL_POSITIONS] = rank < n_clues
         return {"input_ids": tokens, "fixed": fixed}
+
+    def valid_batches(self, batch_size: int, limit: Optional[int] = None, seed: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+        """Held-out solved grids (``valid_file``, the paper's validation split) with clue sets drawn
+        from a fixed seed: the same batches for every model, for comparing losses."""
+        grids = load_sudoku_csv(os.path.join(self.data_dir, self.valid_file), require_solved=True)[:limit]
+        g = torch.Generator().manual_seed(seed)
+        for start in range(0, len(grids), batch_size):
+            yield self.with_clues(grids[start : start + batch_size], g, conditional=True)
 
     def eval_puzzles(self) -> torch.Tensor:
         puzzles = load_sudoku_csv(os.path.join(self.data_dir, self.eval_file))

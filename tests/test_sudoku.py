@@ -113,3 +113,13 @@ def test_position_groups():
     assert g.shape == (3, 89)
     assert g[:, 0].tolist() == [0, 0, 0] and g[:, 9].tolist() == [0, 9, 9] and g[:, 88].tolist() == [8, 8, 8]
     assert g[:, 44].tolist() == [4, 4, 4]
+
+
+def test_valid_batches_are_fixed_across_calls():
+    task = Sudoku(n_train_grids=10, cache_dir=None)
+    a = list(task.valid_batches(64, limit=128))
+    b = list(task.valid_batches(64, limit=128))
+    assert len(a) == 2 and all(torch.equal(x["fixed"], y["fixed"]) for x, y in zip(a, b))
+    assert is_valid_solution(a[0]["input_ids"]).all()
+    clues = a[0]["fixed"].sum(1) - 8
+    assert clues.min() >= 17 and clues.max() <= 50
