@@ -22,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     # the shipped recipe: conditional training, row/col/box embeddings, constraint-graph attention
     "recipe": [],
+    "recipe_seed1": ["experiment.seed = 1"],  # the same recipe, another seed: how large is seed noise?
     "full_attention": ["backbones.dit.group_attention = False"],
     "no_grid_embeddings": ["backbones.dit.group_attention = False", "backbones.dit.position_groups = None"],
     "unconditional": ["tasks.sudoku.conditional = False"],
