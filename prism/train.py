@@ -177,13 +177,14 @@ def train(
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    start = 0
+    start, elapsed_before = 0, 0.0  # elapsed_s in the logs counts all slices of a resumed run
     if resume:
         ckpts = list_checkpoints(output_dir)
         if ckpts:
             accelerator.load_state(ckpts[-1])
             with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
-                start = json.load(f)["step"]
+                state = json.load(f)
+            start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
             accelerator.print(f"resumed from {ckpts[-1]} at step {start}")
             if accelerator.is_main_process:
                 drop_logged_after(os.path.join(output_dir, "metrics.jsonl"), start)
@@ -229,7 +230,7 @@ def train(
             now = time.time()
             last = {k: float(v) for k, v in zip(keys, values)}
             last.update(step=step, lr=scheduler.get_last_lr()[0], seqs_per_s=seen_since_log / (now - t_log),
-                        elapsed_s=now - t_start)
+                        elapsed_s=elapsed_before + now - t_start)
             if accelerator.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -244,7 +245,7 @@ def train(
             out_of_time = bool(accelerator.reduce(torch.tensor([float(late)], device=accelerator.device), "sum").item())
         if step % save_every == 0 or step == steps or out_of_time:
             save_checkpoint(accelerator, output_dir, step, model, ema, keep_checkpoints,
-                            {"world_size": world, "metrics": last})
+                            {"world_size": world, "elapsed_s": elapsed_before + time.time() - t_start, "metrics": last})
         if out_of_time:
             accelerator.print(f"max_minutes={max_minutes} reached at step {step}; resume with --resume")
             stopped_early = True

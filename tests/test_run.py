@@ -67,6 +67,7 @@ def test_resume_reproduces_the_losses(tiny_gin, tmp_path):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-7)
         assert a[step]["lr"] == pytest.approx(b[step]["lr"], rel=1e-9)
     assert a[4]["lr"] > a[8]["lr"]  # the cosine schedule is really decaying
+    assert b[8]["elapsed_s"] > b[2]["elapsed_s"] > 0  # wall time accumulates across slices
     wa = load_file(os.path.join(full, "checkpoints", "step_00000008", "weights.safetensors"))
     wb = load_file(os.path.join(part, "checkpoints", "step_00000008", "weights.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
