@@ -27,16 +27,18 @@ def export(run_dir: str, out: str, step: int | None = None) -> dict:
     ckpt = ckpts[-1]
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
-    meta = {"source": os.path.abspath(ckpt), **state}
+    meta = {"source": os.path.relpath(ckpt), **state}
     for name in ("train_run_info.json",):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
             with open(path) as f:
                 meta["run_info"] = json.load(f)
-    operative = os.path.join(run_dir, "train_operative_config.gin")
-    if os.path.exists(operative):
-        with open(operative) as f:
-            meta["operative_config"] = f.read()
+    # the operative config is written when a training command ends; a run stopped from outside
+    # (or still going) has only the full parsed config written at its start
+    for key, name in (("operative_config", "train_operative_config.gin"), ("config", "train_config.gin")):
+        if os.path.exists(os.path.join(run_dir, name)):
+            with open(os.path.join(run_dir, name)) as f:
+                meta[key] = f.read()
     tmp = out + ".tmp"
     shutil.copyfile(os.path.join(ckpt, "weights.safetensors"), tmp)
     os.replace(tmp, out)
