@@ -30,7 +30,6 @@ def test_shipped_checkpoint_solves_dev_puzzles(tmp_path):
             "--bind", "evaluate.limit = 100", "--bind", "evaluate.batch_size = 100"])
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["n"] == 100 and m["givens_kept"] == 1.0
-    assert m["success"] >= SHIPPED_MIN_SUCCESS, m
-
-
-SHIPPED_MIN_SUCCESS = 0.0  # set from the measured value of the committed checkpoint
+    # measured here with this seed: success 0.09, units_valid 0.728 (0.127 / 0.751 on all 1000);
+    # random weights score 0 and about 0.002. The bounds leave room for other platforms' kernels.
+    assert m["success"] >= 0.04 and m["units_valid"] >= 0.65, m
