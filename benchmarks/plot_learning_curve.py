@@ -37,7 +37,7 @@ def main():
         ax[1].plot([s for s, _ in pts], [v for _, v in pts], "o-", label="dev success (MDLM, T=51)")
     ax[1].set_xlabel("optimizer step")
     ax[1].set_ylim(0, 1)
-    ax[1].legend(loc="lower right")
+    ax[1].legend(loc="center right")
     last = rows[-1]
     fig.suptitle(f"Sudoku MDM: {last['step']} steps, {hours[last['step']]:.2f} CPU-hours")
     fig.tight_layout()
