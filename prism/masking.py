@@ -51,11 +51,6 @@ class Cosine(NoiseSchedule):
 LOGLINEAR = LogLinear()
 
 
-def alpha(t: torch.Tensor) -> torch.Tensor:
-    """Log-linear schedule of MDLM: α_t = 1 − t, the probability that a token is still clean at t."""
-    return LOGLINEAR.alpha(t)
-
-
 def sample_t(
     batch_size: int, eps: float = 1e-3, antithetic: bool = True, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:

@@ -7,8 +7,8 @@ resumed run reproduces the same losses and each rank sees its own data), atomic 
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import shutil
 import time
@@ -206,7 +206,7 @@ def train(
             g = step_generator(exp.seed, step, micro * world + rank)
             batch = {k: v.to(accelerator.device) for k, v in exp.task.train_batch(batch_size, g).items()}
             # no_sync on all but the last micro-step: gradients are all-reduced once per optimizer step.
-            ctx = accelerator.no_sync(module) if micro < grad_accum - 1 else _nullcontext()
+            ctx = accelerator.no_sync(module) if micro < grad_accum - 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 loss, logs = module(batch, g)
                 accelerator.backward(loss / grad_accum)
@@ -278,11 +278,3 @@ def ranks_in_sync(accelerator, model: nn.Module) -> bool:
         probe = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype).remainder(97)).sum()])
         gathered = accelerator.gather(probe[None].to(accelerator.device))
     return bool(torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=0, atol=0))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
