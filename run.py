@@ -30,6 +30,7 @@ if REPO_ROOT not in sys.path:
 
 import gin  # noqa: E402
 
+from prism.paths import write_text_atomic  # noqa: E402
 from registry import closest_names, import_user_dir, load_builtin_components  # noqa: E402
 
 VERSIONED = ["torch", "accelerate", "transformers", "peft", "gin-config", "safetensors", "numpy", "datasets"]
@@ -176,13 +177,6 @@ def make_accelerator(opts: dict, output_dir: str):
                        project_dir=output_dir, step_scheduler_with_optimizer=False)
 
 
-def write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def format_table(rows: List[dict], columns: List[str]) -> str:
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -273,8 +267,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     set_seed(seed, device_specific=True)  # from here on (dropout, ...) each rank draws its own numbers
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_text(os.path.join(output_dir, f"{args.command}_config.gin"), gin.config_str())
-        write_text(os.path.join(output_dir, f"{args.command}_run_info.json"),
+        write_text_atomic(os.path.join(output_dir, f"{args.command}_config.gin"), gin.config_str())
+        write_text_atomic(os.path.join(output_dir, f"{args.command}_run_info.json"),
                    json.dumps(run_info(args, accelerator), indent=2))
     if opts["log_with"]:
         accelerator.init_trackers(opts["project_name"], config={"bindings": args.bind, "configs": args.configs})
@@ -293,16 +287,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
         result["eval"] = generate_and_score(exp, accelerator, output_dir, score=args.command == "eval")
         rows.append({"weights": weights, **result["eval"]})
         if args.command == "eval" and accelerator.is_main_process:
-            write_text(os.path.join(output_dir, "metrics.json"), json.dumps(result["eval"], indent=2))
+            write_text_atomic(os.path.join(output_dir, "metrics.json"), json.dumps(result["eval"], indent=2))
     if accelerator.is_main_process:
         if rows and args.command != "sample":
             result["table"] = rows
             table = results_table(rows)
             print("\n" + table)
-            write_text(os.path.join(output_dir, f"{args.command}_results.md"), table + "\n")
+            write_text_atomic(os.path.join(output_dir, f"{args.command}_results.md"), table + "\n")
         # The operative config: every parameter actually used by what was built and run.
-        write_text(os.path.join(output_dir, f"{args.command}_operative_config.gin"), gin.operative_config_str())
-        write_text(os.path.join(output_dir, f"{args.command}_result.json"), json.dumps(result, indent=2, default=str))
+        write_text_atomic(os.path.join(output_dir, f"{args.command}_operative_config.gin"), gin.operative_config_str())
+        write_text_atomic(os.path.join(output_dir, f"{args.command}_result.json"), json.dumps(result, indent=2, default=str))
     accelerator.end_training()
     return result
 

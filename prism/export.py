@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 
+from prism.paths import write_text_atomic
 from prism.train import list_checkpoints
 
 
@@ -42,10 +43,7 @@ def export(run_dir: str, out: str, step: int | None = None) -> dict:
     tmp = out + ".tmp"
     shutil.copyfile(os.path.join(ckpt, "weights.safetensors"), tmp)
     os.replace(tmp, out)
-    meta_path = os.path.splitext(out)[0] + ".json"
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    write_text_atomic(os.path.splitext(out)[0] + ".json", json.dumps(meta, indent=2))
     return meta
 
 

@@ -5,3 +5,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Real data lives beside the checkout in ../shared/data and is read from there, never copied.
 DATA_ROOT = os.environ.get("PRISM_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
 CACHE_ROOT = os.environ.get("PRISM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prism"))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers (and a crash) see
+    the old content or the new one, never a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from prism.experiment import Experiment
+from prism.paths import write_text_atomic
 
 CKPT_PREFIX = "step_"
 
@@ -265,10 +266,7 @@ def drop_logged_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(rows))
 
 
 def ranks_in_sync(accelerator, model: nn.Module) -> bool:

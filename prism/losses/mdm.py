@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from prism.losses.base import Loss, LossOutput
-from prism.masking import LogLinear, NoiseSchedule, mask_tokens, sample_t
+from prism.masking import LOGLINEAR, NoiseSchedule, mask_tokens, sample_t
 from registry import LOSSES
 
 
@@ -27,7 +27,7 @@ class MDLMLoss(Loss):
     def __init__(self, eps: float = 1e-3, antithetic: bool = True, noise: Optional[NoiseSchedule] = None):
         super().__init__()
         self.eps, self.antithetic = eps, antithetic
-        self.noise = noise or LogLinear()
+        self.noise = noise or LOGLINEAR
 
     def forward(self, model, batch, generator) -> LossOutput:
         x, fixed = batch["input_ids"], batch["fixed"]

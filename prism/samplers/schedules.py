@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from prism.masking import LogLinear, NoiseSchedule
+from prism.masking import LOGLINEAR, NoiseSchedule
 from registry import SCHEDULES
 
 
@@ -43,7 +43,7 @@ class MDLMSchedule(Schedule):
         if steps < 1:
             raise ValueError(f"schedules.mdlm.steps must be >= 1, got {steps}")
         self.n_steps, self.eps = steps, eps
-        self.noise = noise or LogLinear()
+        self.noise = noise or LOGLINEAR
         self.grid = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
 
     def time(self, i):
