@@ -1,9 +1,11 @@
 """``models.mdm``: an MDM = backbone + optional quality head: ONE forward pass gives both the
-unmasking posterior and the per-token quality."""
+unmasking posterior and the per-token quality. ``models.token_critic``: the separate critic network
+of the Token-Critic baseline (Lezama et al. 2023), held by the MDM so that it is checkpointed and
+sampled with it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import gin
 import torch
@@ -33,18 +35,55 @@ def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int) 
     return torch.where(clean[..., None], carry, log_probs)
 
 
+def build_head(head, backbone: Backbone) -> Optional[nn.Module]:
+    """A head given as a module is used as is; given as a builder (gin ``@heads.linear`` without
+    parentheses, or any callable) it is called with the backbone's ``hidden_size`` and ``cond_dim``."""
+    if head is None or isinstance(head, nn.Module):
+        return head
+    if not callable(head):
+        raise TypeError(f"a head must be an nn.Module or a builder, got {type(head).__name__}")
+    return head(hidden_size=backbone.hidden_size, cond_dim=getattr(backbone, "cond_dim", None))
+
+
+@gin.configurable("token_critic", module="models")
+class TokenCritic(nn.Module):
+    """Token-Critic (Lezama et al. 2023): a separate network that reads a fully filled sequence x̂ and
+    gives, per position, the logit that the token is real (from the data) rather than generated.
+    Built from parts: any backbone (its own small DiT) + a head on its hidden states."""
+
+    def __init__(self, backbone: Backbone, head: Union[nn.Module, Callable] = None):
+        super().__init__()
+        if head is None:
+            from prism.heads.quality import LinearHead
+
+            head = LinearHead
+        self.backbone = backbone
+        self.head = build_head(head, backbone)
+
+    def forward(self, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        out = self.backbone(tokens, attention_mask=attention_mask)
+        return self.head(out.hidden_states, out.cond, attention_mask)
+
+
 @gin.configurable("mdm", module="models")
 class MDM(nn.Module):
-    """Backbone (+ quality head, issue 3). ``forward`` returns an ``MDMOutput`` from one pass."""
+    """Backbone + optional quality head (PRISM) + optional Token-Critic. ``forward`` returns an
+    ``MDMOutput`` from ONE backbone pass: unmasking log-probs and, with a head, the quality logits.
 
-    def __init__(self, backbone: Backbone, head: Optional[nn.Module] = None):
+    ``head``: a quality head module or builder (``models.mdm.head = @heads.linear``).
+    ``critic``: a ``TokenCritic``; it is not run by ``forward`` (it reads x̂, not z): see ``critic_logits``.
+    """
+
+    def __init__(self, backbone: Backbone, head: Union[nn.Module, Callable, None] = None,
+                 critic: Optional[TokenCritic] = None):
         super().__init__()
         if not isinstance(backbone, Backbone):
             raise TypeError(
                 f"models.mdm.backbone must be a prism.backbones.Backbone, got {type(backbone).__name__}"
             )
         self.backbone = backbone
-        self.head = head
+        self.head = build_head(head, backbone)
+        self.critic = critic
 
     @property
     def mask_id(self) -> int:
@@ -61,5 +100,11 @@ class MDM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, t=None) -> MDMOutput:
         out = self.backbone(input_ids, attention_mask=attention_mask, t=t)
-        quality = self.head(out.hidden_states) if self.head is not None else None
+        quality = self.head(out.hidden_states, out.cond, attention_mask) if self.head is not None else None
         return MDMOutput(subs_log_probs(out.logits, input_ids, self.mask_id), out.hidden_states, quality)
+
+    def critic_logits(self, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """(B, L) Token-Critic logits of "this token is real" on a fully filled sequence."""
+        if self.critic is None:
+            raise ValueError("this model has no Token-Critic: set models.mdm.critic = @models.token_critic()")
+        return self.critic(tokens, attention_mask)

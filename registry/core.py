@@ -99,6 +99,9 @@ BUILTIN_MODULES = (
     "prism.backbones.dit",
     "prism.backbones.hf",
     "prism.losses.mdm",
+    "prism.losses.prism",
+    "prism.losses.token_critic",
+    "prism.heads.quality",
     "prism.samplers",
     "tasks.sudoku",
 )

@@ -12,16 +12,19 @@ from torch import nn
 class BackboneOutput:
     """``hidden_states``: (B, L, hidden_size), the final hidden state that produced ``logits``
     (what a quality head reads); ``logits``: (B, L, vocab_size), raw unmasking logits (the SUBS
-    parameterisation is applied by ``prism.model.MDM``, not here)."""
+    parameterisation is applied by ``prism.model.MDM``, not here); ``cond``: (B, cond_dim), the
+    adaLN conditioning vector of backbones that have one (the DiT), else None."""
 
     hidden_states: torch.Tensor
     logits: torch.Tensor
+    cond: Optional[torch.Tensor] = None
 
 
 class Backbone(nn.Module):
     """Token ids in; final hidden states and unmasking logits out.
 
-    Subclasses set ``vocab_size`` (including the mask token), ``mask_id`` and ``hidden_size`` and
+    Subclasses set ``vocab_size`` (including the mask token), ``mask_id``, ``hidden_size`` (and
+    ``cond_dim`` if they return ``cond``) and
     implement ``forward(input_ids, attention_mask=None, t=None)``:
 
     - ``input_ids``: (B, L) long, masked positions hold ``mask_id``;
@@ -32,6 +35,7 @@ class Backbone(nn.Module):
     vocab_size: int
     mask_id: int
     hidden_size: int
+    cond_dim: Optional[int] = None  # width of ``BackboneOutput.cond`` (quality heads modulate with it)
 
     def forward(
         self,

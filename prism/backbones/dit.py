@@ -203,6 +203,7 @@ class DiT(Backbone):
         self.vocab_size, self.mask_id, self.hidden_size = vocab_size, mask_id, sizes["hidden_size"]
         self.time_conditioning = time_conditioning
         dim, cond = sizes["hidden_size"], sizes["cond_dim"]
+        self.cond_dim = cond
 
         self.vocab_embed = nn.Parameter(torch.empty(vocab_size, dim))
         nn.init.kaiming_uniform_(self.vocab_embed, a=math.sqrt(5))
@@ -264,4 +265,4 @@ class DiT(Backbone):
         for block in self.blocks:
             x = block(x, c, rotary, attn_bias)
         logits = self.output_layer(x, c)
-        return BackboneOutput(hidden_states=x, logits=logits)
+        return BackboneOutput(hidden_states=x, logits=logits, cond=c)

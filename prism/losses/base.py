@@ -21,5 +21,9 @@ class Loss(nn.Module):
     together in ONE module for DDP (every backbone pass of a step happens inside one wrapped
     forward). ``generator`` drives all of the loss's randomness (t, masks, draws)."""
 
+    def attach(self, model: nn.Module) -> None:
+        """Called once by ``experiment`` after the model's initial weights are loaded (a loss that
+        needs e.g. a frozen copy of the pretrained model takes it here)."""
+
     def forward(self, model: nn.Module, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> LossOutput:
         raise NotImplementedError

@@ -1,0 +1,144 @@
+"""``losses.prism``: PRISM fine-tuning, Algorithm 1 and Eq. (3) of Kim, Kim, Lee et al. (2025).
+
+For a data sequence x:
+
+1. t ~ U[eps, 1], z ~ q(z_t | x) (the MDM's masking process);
+2. one forward pass on z gives the MDM loss on z and, detached, the posterior p_θ(· | z);
+3. n_y times: choose k masked positions of z and fill them with tokens drawn from that posterior
+   (float64 Gumbel, temperature, nucleus p), every other masked position stays masked: this is y;
+4. one batched forward pass on the n_y sequences y gives the quality logits g(y);
+
+    L = mean over filled (y, i) of BCE(1[y_i = x_i], g_i(y))  +  λ · L_MDM(z).
+
+Proposition 1: the minimiser is g_i(y) = p(x_i = y_i | y with position i masked) (k = 1); with k > 1
+it is the same probability given y with all k filled positions masked (Proposition 2).
+
+Two backbone passes per step in all (the MDM term and the draw of y share the pass on z); both run in
+the one ``forward`` that ``prism.train`` wraps for DDP. With ``source='frozen'`` y is drawn from a frozen
+copy of the starting model instead (a third, gradient-free pass).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from prism.calibration import expected_calibration_error
+from prism.losses.base import Loss, LossOutput
+from prism.losses.mdm import MDLMLoss
+from prism.masking import LOGLINEAR, NoiseSchedule, mask_tokens, sample_t
+from prism.samplers.draw import gumbel_max
+from prism.samplers.rules import select_top
+from registry import LOSSES
+
+POSITIONS = ("random", "confident", "leftmost_confident")
+SOURCES = ("model", "frozen")
+
+
+def choose_fill_positions(rule: str, k: int, masked: torch.Tensor, token_log_probs: torch.Tensor,
+                          generator: Optional[torch.Generator], window: Optional[int] = None) -> torch.Tensor:
+    """(B, L) bool: the k masked positions of each row to fill (all of them if fewer are masked).
+
+    ``random``: uniform among masked positions; ``confident``: the highest probability of the drawn
+    token; ``leftmost_confident``: the most confident among the leftmost ``window`` masked positions
+    (the LLaDA recipe: its semi-autoregressive sampler only ever fills the current block)."""
+    if rule == "random":
+        scores = torch.rand(masked.shape, generator=generator, dtype=torch.float64).to(masked.device)
+        eligible = masked
+    elif rule in ("confident", "leftmost_confident"):
+        scores = token_log_probs
+        eligible = masked
+        if rule == "leftmost_confident":
+            if not window:
+                raise ValueError("positions='leftmost_confident' needs a window (e.g. the semi-AR block length)")
+            eligible = masked & (masked.long().cumsum(1) <= window)
+    else:
+        raise ValueError(f"unknown positions rule {rule!r}; known: {', '.join(POSITIONS)}")
+    counts = torch.full((masked.shape[0],), k, dtype=torch.long, device=masked.device)
+    return select_top(scores, eligible, counts)
+
+
+@LOSSES.register("prism")
+class PRISMLoss(Loss):
+    """PRISM loss (Algorithm 1, Eq. 3): BCE of the quality head on k self-filled positions + λ·MDLM.
+
+    ``k``: positions filled per y; ``n_y``: index sets (sequences y) per z; ``mdm_weight``: λ;
+    ``temperature`` / ``top_p``: how y's tokens are drawn; ``positions``: 'random' | 'confident' |
+    'leftmost_confident' (with ``window``); ``source``: 'model' (the current model, stop-gradient)
+    or 'frozen' (a frozen copy of the model as loaded from ``experiment.init_checkpoint``).
+    Which parameters train is ``experiment.trainable`` (head only, head + backbone, ...).
+    """
+
+    def __init__(self, k: int = 4, n_y: int = 1, mdm_weight: float = 5.0, temperature: float = 1.0,
+                 top_p: float = 1.0, positions: str = "random", window: Optional[int] = None,
+                 source: str = "model", eps: float = 1e-3, antithetic: bool = True,
+                 noise: Optional[NoiseSchedule] = None):
+        super().__init__()
+        if k < 1 or n_y < 1 or mdm_weight < 0:
+            raise ValueError(f"need k >= 1, n_y >= 1, mdm_weight >= 0; got {k}, {n_y}, {mdm_weight}")
+        if positions not in POSITIONS:
+            raise ValueError(f"unknown positions rule {positions!r}; known: {', '.join(POSITIONS)}")
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
+        self.k, self.n_y, self.mdm_weight = k, n_y, mdm_weight
+        self.temperature, self.top_p, self.positions, self.window = temperature, top_p, positions, window
+        self.source, self.eps, self.antithetic = source, eps, antithetic
+        self.noise = noise or LOGLINEAR
+        self._frozen = []  # a list, so the frozen copy is neither a sub-module nor in checkpoints
+
+    def attach(self, model) -> None:
+        if getattr(model, "head", None) is None:
+            raise ValueError("losses.prism needs a model with a quality head: models.mdm.head = @heads.linear")
+        if self.source == "frozen":
+            self._frozen = [copy.deepcopy(model).eval().requires_grad_(False)]
+
+    def draw_y(self, log_probs, x, z, masked, generator):
+        """Step 3 of Algorithm 1, n_y times: returns (y, filled, label) of shape (n_y·B, L)."""
+        rep = lambda a: a.repeat(self.n_y, *([1] * (a.dim() - 1)))  # noqa: E731
+        log_probs, x, z, masked = rep(log_probs), rep(x), rep(z), rep(masked)
+        tokens = gumbel_max(log_probs, generator, self.temperature, self.top_p).to(z.device)
+        token_lp = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        filled = choose_fill_positions(self.positions, self.k, masked, token_lp, generator, self.window)
+        y = torch.where(filled, tokens, z)
+        return y, filled, (tokens == x) & filled
+
+    def forward(self, model, batch, generator) -> LossOutput:
+        x, fixed = batch["input_ids"], batch["fixed"]
+        attention_mask = batch.get("attention_mask")
+        t = sample_t(x.shape[0], self.eps, self.antithetic, generator).to(x.device)
+        z, masked = mask_tokens(x, t, model.mask_id, fixed, generator, self.noise)
+        # pass 1 (on z): the MDM term; when the backbone is frozen it needs no graph
+        backbone_trains = any(p.requires_grad for p in model.backbone.parameters())
+        with torch.set_grad_enabled(backbone_trains and torch.is_grad_enabled()):
+            out_z = model(z, attention_mask=attention_mask, t=t)
+        mdm = MDLMLoss.nelbo(out_z.log_probs, x, masked, fixed, self.noise.weight(t))
+        with torch.no_grad():
+            if self.source == "frozen":
+                frozen = self._frozen[0].to(z.device)
+                log_probs = frozen(z, attention_mask=attention_mask, t=t).log_probs
+            else:
+                log_probs = out_z.log_probs.detach()
+            y, filled, label = self.draw_y(log_probs, x, z, masked, generator)
+        # pass 2 (on the n_y sequences y, batched): the quality head
+        rep_mask = attention_mask.repeat(self.n_y, 1) if attention_mask is not None else None
+        out_y = model(y, attention_mask=rep_mask, t=t.repeat(self.n_y))
+        logits = out_y.quality_logits[filled]
+        target = label[filled].float()
+        if logits.numel():
+            bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+        else:  # nothing was masked anywhere in the batch: keep the graph, contribute nothing
+            bce = out_y.quality_logits.sum() * 0.0
+        loss = bce + (self.mdm_weight * mdm.loss if backbone_trains and self.mdm_weight else 0.0)
+        with torch.no_grad():
+            g = torch.sigmoid(logits.float())
+            logs = {
+                "bce": bce.detach(),
+                **mdm.logs,
+                "head_acc": ((g > 0.5) == target.bool()).float().mean() if g.numel() else torch.tensor(float("nan")),
+                "fill_acc": target.mean() if g.numel() else torch.tensor(float("nan")),
+                "quality_mean": g.mean() if g.numel() else torch.tensor(float("nan")),
+                "head_ece": torch.tensor(expected_calibration_error(g, target) if g.numel() else float("nan")),
+            }
+        return LossOutput(loss, logs)
