@@ -201,3 +201,24 @@ def test_init_new_and_trainable(tmp_path):
     assert not any(p.requires_grad for p in with_head.backbone.parameters())
     with pytest.raises(ValueError, match="matches no parameter.*head"):
         set_trainable(with_head, ["haed.*"])
+
+
+def test_score_fills_scores_the_same_fills_with_every_signal():
+    from prism.quality_eval import collect, summarise
+
+    torch.manual_seed(0)
+    model = MDM(DiT(11, 0, preset="test"), LinearHead, critic=TokenCritic(DiT(11, 0, preset="test"), LinearHead))
+    for p in model.head.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = torch.randint(1, 11, (6, 12))
+    batches = [{"input_ids": x, "fixed": torch.zeros_like(x, dtype=torch.bool)}] * 3
+    a = collect(batches, model, seed=5, k=3, prism_model=model, critic_model=model)
+    b = collect(batches, model, seed=5, k=3)  # without the extra signals: the same fills and labels
+    assert torch.equal(a["label"], b["label"]) and torch.equal(a["confidence"], b["confidence"])
+    n = len(a["label"])
+    assert all(len(v) == n for v in a.values()) and n <= 3 * 6 * 3
+    assert ((a["prism"] > 0) & (a["prism"] < 1)).all() and torch.allclose(a["token_critic"], torch.full((n,), 0.5))
+    table = summarise(a)
+    assert set(table) == {"confidence", "prism", "token_critic"}
+    assert table["token_critic"]["auroc"] == pytest.approx(0.5)  # a constant signal ranks nothing
+    assert table["prism"]["accuracy"] == pytest.approx(a["label"].double().mean().item())

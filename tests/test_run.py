@@ -137,3 +137,40 @@ def test_export_latest_checkpoint(tiny_gin, tmp_path):
     meta = json.load(open(str(tmp_path / "model.json")))
     assert meta["step"] == 8 and "train.steps = 8" in meta["operative_config"] and meta["run_info"]["versions"]["torch"]
     assert open(target, "rb").read() == open(os.path.join(out, "checkpoints", "step_00000008", "weights.safetensors"), "rb").read()
+
+
+def test_prism_and_token_critic_fine_tunes_compose_from_gin(tiny_gin, tmp_path):
+    """MDM → PRISM fine-tune (new head, backbone + head train) and → Token-Critic (frozen MDM, new
+    critic), each from gin bindings only, starting from the MDM's checkpoint."""
+    mdm = str(tmp_path / "mdm")
+    run_py(["train", tiny_gin, "--output-dir", mdm, "--bind", "train.steps = 4"])
+    start = os.path.join(mdm, "checkpoints", "step_00000004")
+    base = load_file(os.path.join(start, "weights.safetensors"))
+
+    prism = str(tmp_path / "prism")
+    run_py(["train", tiny_gin, "--output-dir", prism, "--bind", f"experiment.init_checkpoint = '{start}'",
+            "--bind", "experiment.init_new = ['head']", "--bind", "models.mdm.head = @heads.linear",
+            "--bind", "experiment.loss = @losses.prism()", "--bind", "losses.prism.k = 2",
+            "--bind", "train.steps = 4"])
+    m = read_metrics(prism)[4]
+    assert {"bce", "nelbo", "head_acc", "head_ece", "fill_acc"} <= set(m) and m["bce"] > 0
+    tuned = load_file(os.path.join(prism, "checkpoints", "step_00000004", "weights.safetensors"))
+    assert any(k.startswith("head.") for k in tuned)
+    assert not torch.equal(tuned["backbone.vocab_embed"], base["backbone.vocab_embed"])  # backbone trained too
+
+    critic = str(tmp_path / "critic")
+    run_py(["train", tiny_gin, "--output-dir", critic, "--bind", f"experiment.init_checkpoint = '{start}'",
+            "--bind", "experiment.init_new = ['critic']", "--bind", "experiment.trainable = ['critic.*']",
+            "--bind", "models.mdm.critic = @models.token_critic()",
+            "--bind", "models.token_critic.backbone = @critic/backbones.dit()",
+            "--bind", "experiment.loss = @losses.token_critic()", "--bind", "train.steps = 4"])
+    assert {"bce", "critic_acc", "critic_ece"} <= set(read_metrics(critic)[4])
+    tuned = load_file(os.path.join(critic, "checkpoints", "step_00000004", "weights.safetensors"))
+    assert torch.equal(tuned["backbone.vocab_embed"], base["backbone.vocab_embed"])  # the MDM stayed frozen
+    assert any(k.startswith("critic.") for k in tuned)
+
+    # a PRISM fine-tune without init_new fails with a message that says what to set
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), "train", tiny_gin, "--output-dir",
+                          str(tmp_path / "bad"), "--bind", f"experiment.init_checkpoint = '{start}'",
+                          "--bind", "models.mdm.head = @heads.linear"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "experiment.init_new" in bad.stderr
