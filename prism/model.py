@@ -17,22 +17,30 @@ from prism.backbones.base import Backbone
 @dataclass
 class MDMOutput:
     """``log_probs``: (B, L, V) SUBS log-posterior over clean tokens; ``hidden_states``: (B, L, D);
-    ``quality_logits``: (B, L) logit of g_i (None without a head)."""
+    ``quality_logits``: (B, L) logit of g_i (None without a head); ``token_log_probs``: (B, L) the
+    model's own log-probability of the token present at each position, before SUBS carries clean
+    tokens over (what P2-self remasks by)."""
 
     log_probs: torch.Tensor
     hidden_states: torch.Tensor
     quality_logits: Optional[torch.Tensor] = None
+    token_log_probs: Optional[torch.Tensor] = None
 
 
-def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int) -> torch.Tensor:
+def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int, return_token_log_probs: bool = False):
     """SUBS parameterisation (MDLM §3.2): the mask token gets zero probability ("zero masking
-    probabilities") and unmasked positions carry over their token ("carry-over unmasking")."""
+    probabilities") and unmasked positions carry over their token ("carry-over unmasking").
+    With ``return_token_log_probs`` also the (B, L) log-probability of each present token before
+    the carry-over."""
     never_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     never_mask[mask_id] = True
     log_probs = torch.log_softmax(logits.float().masked_fill(never_mask, float("-inf")), dim=-1)
     clean = input_ids != mask_id
     carry = torch.full_like(log_probs, float("-inf")).scatter(-1, input_ids[..., None], 0.0)
-    return torch.where(clean[..., None], carry, log_probs)
+    subs = torch.where(clean[..., None], carry, log_probs)
+    if return_token_log_probs:
+        return subs, log_probs.gather(-1, input_ids[..., None]).squeeze(-1)
+    return subs
 
 
 def build_head(head, backbone: Backbone) -> Optional[nn.Module]:
@@ -101,7 +109,8 @@ class MDM(nn.Module):
     def forward(self, input_ids, attention_mask=None, t=None) -> MDMOutput:
         out = self.backbone(input_ids, attention_mask=attention_mask, t=t)
         quality = self.head(out.hidden_states, out.cond, attention_mask) if self.head is not None else None
-        return MDMOutput(subs_log_probs(out.logits, input_ids, self.mask_id), out.hidden_states, quality)
+        log_probs, token_log_probs = subs_log_probs(out.logits, input_ids, self.mask_id, return_token_log_probs=True)
+        return MDMOutput(log_probs, out.hidden_states, quality, token_log_probs)
 
     def critic_logits(self, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """(B, L) Token-Critic logits of "this token is real" on a fully filled sequence."""

@@ -17,6 +17,7 @@ from registry.core import (  # noqa: F401
     SAMPLERS,
     SCHEDULES,
     TASKS,
+    REMASK_RULES,
     UNMASK_RULES,
     Registry,
     closest_names,

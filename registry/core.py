@@ -84,10 +84,11 @@ LOSSES = Registry("losses")
 SAMPLERS = Registry("samplers")
 SCHEDULES = Registry("schedules")
 UNMASK_RULES = Registry("unmask_rules")
+REMASK_RULES = Registry("remask_rules")
 DRAWS = Registry("draws")
 NOISE = Registry("noise")
 TASKS = Registry("tasks")
-REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, DRAWS, NOISE, TASKS)}
+REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, REMASK_RULES, DRAWS, NOISE, TASKS)}
 
 # Modules whose import registers the built-in components.
 BUILTIN_MODULES = (

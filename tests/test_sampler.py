@@ -131,12 +131,12 @@ def test_time_conditioned_models_are_not_cached():
     assert out.nfe == len(out.trace) + int((out.trace[-1]["z"] == 0).sum() > out.trace[-1]["unmasked"].sum())
 
 
-def test_remask_counts_are_refused_until_remasking_exists():
+def test_remask_counts_need_a_remask_rule():
     class Remasking(FixedCountSchedule):
         def counts(self, i, n_masked, n_clean, generator):
             n, _ = super().counts(i, n_masked, n_clean, generator)
             return n, torch.ones_like(n)
 
     batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "fixed": torch.zeros(1, 4, dtype=torch.bool)}
-    with pytest.raises(NotImplementedError, match="does not remask yet"):
+    with pytest.raises(ValueError, match="remask_rule"):
         Sampler(Remasking(4))(UniformModel(), batch)

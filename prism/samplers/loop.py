@@ -1,9 +1,11 @@
 """``samplers.loop``: the one step loop every sampler is built from.
 
-Each step: forward once (or reuse the last prediction when nothing changed) → the schedule says how
-many positions each row unmasks (and, once remasking samplers exist, remasks) → the draw part draws
-tokens (float64 Gumbel-max) → the unmasking rule picks which masked positions take them.
-Fixed positions (givens, prompts, padding) never change.
+Each step: the schedule plans the step (how many positions each row unmasks and remasks, or with
+which probabilities, and optionally the window of positions it may touch) → one forward pass (or
+the last one again when the state has not changed) gives the unmasking posterior and, with a head,
+the per-token quality → the draw part draws tokens (float64 Gumbel-max) → the unmasking rule picks
+which masked positions take them → the remasking rule picks which clean positions are masked again.
+Every decision is per sequence. Fixed positions (givens, prompts, padding) never change.
 """
 from __future__ import annotations
 
@@ -14,28 +16,80 @@ import torch
 
 from prism.samplers.draw import GumbelDraw
 from prism.samplers.rules import RandomUnmask, UnmaskRule, select_top
-from prism.samplers.schedules import MDLMSchedule, Schedule
+from prism.samplers.schedules import MDLMSchedule, Schedule, StepPlan
 from registry import SAMPLERS
 
 
 @dataclass
 class SampleOutput:
-    """``tokens``: (B, L) final sequences; ``nfe``: model forward passes actually run;
-    ``trace``: per step, the state before the step and the positions unmasked (if asked)."""
+    """``tokens``: (B, L) final sequences; ``nfe``: network passes actually run (MDM passes plus
+    any Token-Critic passes); ``trace``: per step, the state before the step, the quality the step
+    saw and the positions it unmasked and remasked (if asked)."""
 
     tokens: torch.Tensor
     nfe: int
     trace: List[Dict[str, torch.Tensor]] = field(default_factory=list)
 
 
+class SamplerState:
+    """What the schedule and the rules may look at: the current state ``z``, ``fixed``, the model's
+    last output (``log_probs``, ``quality``, ``token_log_probs``), ``confidence`` (B, L): the
+    probability each clean token had when it was unmasked (NaN for masked and fixed positions), the
+    step index and the generator."""
+
+    def __init__(self, z, fixed, mask_id, generator):
+        self.z, self.fixed, self.mask_id, self.generator = z, fixed, mask_id, generator
+        self.confidence = torch.full(z.shape, float("nan"), dtype=torch.float64, device=z.device)
+        self.log_probs = self.quality = self.token_log_probs = None
+        self.step = 0
+        self.initial_masked = self.n_masked.clone()
+
+    @property
+    def masked(self) -> torch.Tensor:
+        return (self.z == self.mask_id) & ~self.fixed
+
+    @property
+    def clean(self) -> torch.Tensor:
+        """Generated (non-fixed) positions that hold a token."""
+        return (self.z != self.mask_id) & ~self.fixed
+
+    @property
+    def n_masked(self) -> torch.Tensor:
+        return self.masked.sum(1)
+
+    @property
+    def n_clean(self) -> torch.Tensor:
+        return self.clean.sum(1)
+
+    @property
+    def n_free(self) -> torch.Tensor:
+        return (~self.fixed).sum(1)
+
+
+def choose(count: Optional[torch.Tensor], prob: Optional[torch.Tensor], candidates: torch.Tensor,
+           scores_fn, generator) -> torch.Tensor:
+    """(B, L) bool: by count, the top-``count`` candidates of ``scores_fn()`` per row; by probability,
+    each candidate independently with ``prob`` ((B,) or (B, L))."""
+    if count is not None:
+        if not bool((count > 0).any()):
+            return torch.zeros_like(candidates)
+        return select_top(scores_fn(), candidates, count.to(candidates.device))
+    if prob is not None:
+        p = prob.to(torch.float64)
+        p = p[:, None] if p.dim() == 1 else p
+        u = torch.rand(candidates.shape, generator=generator, dtype=torch.float64).to(candidates.device)
+        return (u < p.to(candidates.device)) & candidates
+    return torch.zeros_like(candidates)
+
+
 @SAMPLERS.register("loop")
 class Sampler:
-    """A sampler = schedule + unmasking rule + draw, run by one loop.
+    """A sampler = schedule + unmasking rule + draw (+ remasking rule), run by one loop.
 
-    ``noise_removal``: after the last step, positions still masked (MDLM's grid ends at t = eps > 0)
-    take the argmax of the model's prediction, as MDLM's final denoising step does.
-    ``cache``: reuse the last prediction while the state is unchanged (MDLM's caching); it is
-    switched off for time-conditioned models, whose prediction also depends on t.
+    ``noise_removal``: after the last step, positions still masked (MDLM's grid ends at t = eps > 0;
+    a remasking step may leave masks) take the argmax of the model's prediction, as MDLM's final
+    denoising step does. ``cache``: reuse the last prediction while the state is unchanged (MDLM's
+    caching); off for time-conditioned models, whose prediction also depends on t.
     """
 
     def __init__(
@@ -45,11 +99,13 @@ class Sampler:
         draw: Optional[GumbelDraw] = None,
         noise_removal: bool = True,
         cache: bool = True,
+        remask_rule=None,
     ):
         self.schedule = schedule
         self.unmask_rule = unmask_rule or RandomUnmask()
         self.draw = draw or GumbelDraw()
         self.noise_removal, self.cache = noise_removal, cache
+        self.remask_rule = remask_rule
 
     @torch.no_grad()
     def __call__(self, model, batch, generator: Optional[torch.Generator] = None, trace: bool = False) -> SampleOutput:
@@ -57,38 +113,60 @@ class Sampler:
         fixed = batch["fixed"].bool()
         attention_mask = batch.get("attention_mask")
         z = torch.where(fixed, batch["input_ids"], torch.full_like(batch["input_ids"], mask_id))
+        state = SamplerState(z, fixed, mask_id, generator)
         B = z.shape[0]
         cache = self.cache and not getattr(model, "time_conditioned", False)
-        nfe, log_probs, steps = 0, None, []
+        nfe, out, steps = 0, None, []
 
-        def predict(t: float) -> torch.Tensor:
+        def predict(t: float):
             nonlocal nfe
             nfe += 1
-            return model(z, attention_mask=attention_mask, t=torch.full((B,), t, device=z.device)).log_probs
+            return model(state.z, attention_mask=attention_mask, t=torch.full((B,), t, device=z.device))
 
-        for i in range(self.schedule.n_steps):
-            t, _ = self.schedule.time(i)
-            masked = (z == mask_id) & ~fixed
-            if not masked.any():
+        for i, plan in enumerate(self.schedule.plans(state)):
+            state.step = i
+            masked, clean = state.masked, state.clean
+            if not masked.any() and not plan.may_remask:
+                if self.schedule.remasks:
+                    continue
                 break
-            if log_probs is None or not cache:  # first step, or the state changed since the last prediction
-                log_probs = predict(t)
-            n_unmask, n_remask = self.schedule.counts(i, masked.sum(1), (~masked & ~fixed).sum(1), generator)
-            if bool((n_remask > 0).any()):
-                raise NotImplementedError("this loop does not remask yet; use a schedule with zero remask counts")
-            tokens = self.draw(log_probs, generator)
-            chosen = select_top(self.unmask_rule.scores(log_probs, tokens, z, generator), masked, n_unmask)
+            if out is None or not cache:  # first step, or the state changed since the last prediction
+                out = predict(plan.t)
+            state.log_probs, state.token_log_probs = out.log_probs, getattr(out, "token_log_probs", None)
+            state.quality = getattr(out, "quality_logits", None)
+            tokens = self.draw(out.log_probs, generator)
+            window = plan.window if plan.window is not None else torch.ones_like(masked)
+            unmask = choose(plan.n_unmask, plan.p_unmask, masked & window,
+                            lambda: self.unmask_rule.scores(out.log_probs, tokens, state.z, generator), generator)
+            x_hat = torch.where(unmask, tokens, state.z)
+            remask = torch.zeros_like(unmask)
+            if plan.may_remask:
+                if self.remask_rule is None and plan.n_remask is not None:
+                    raise ValueError("this schedule remasks by count: give the sampler a remask_rule")
+                candidates = ((x_hat != mask_id) & ~fixed if plan.remask_fresh else clean) & window
+
+                def remask_scores():
+                    nonlocal nfe
+                    nfe += getattr(self.remask_rule, "extra_passes", 0)
+                    return self.remask_rule.scores(model, state, x_hat, generator)
+
+                remask = choose(plan.n_remask, plan.p_remask, candidates, remask_scores, generator)
             if trace:
-                steps.append({"step": i, "t": t, "z": z.cpu().clone(), "unmasked": chosen.cpu().clone()})
-            if chosen.any():
-                z = torch.where(chosen, tokens, z)
-                log_probs = None
-        masked = (z == mask_id) & ~fixed
+                steps.append({"step": i, "t": plan.t, "z": state.z.cpu().clone(), "unmasked": unmask.cpu().clone(),
+                              "remasked": remask.cpu().clone(),
+                              "quality": None if state.quality is None else torch.sigmoid(state.quality.float()).cpu().clone()})
+            token_p = out.log_probs.gather(-1, tokens[..., None]).squeeze(-1).double().exp()
+            state.confidence = torch.where(unmask, token_p, state.confidence).masked_fill(remask, float("nan"))
+            new_z = torch.where(remask, torch.full_like(x_hat, mask_id), x_hat)
+            if not torch.equal(new_z, state.z):
+                state.z = new_z
+                out = None
+        masked = state.masked
         if self.noise_removal and masked.any():
-            if log_probs is None or not cache:
-                log_probs = predict(float(self.schedule.time(self.schedule.n_steps - 1)[1]))
-            z = torch.where(masked, log_probs.argmax(-1), z)
-        return SampleOutput(tokens=z, nfe=nfe, trace=steps)
+            if out is None or not cache:
+                out = predict(float(getattr(self.schedule, "final_t", 1e-5)))
+            state.z = torch.where(masked, out.log_probs.argmax(-1), state.z)
+        return SampleOutput(tokens=state.z, nfe=nfe, trace=steps)
 
 
 @SAMPLERS.register("mdlm")

@@ -1,11 +1,14 @@
-"""Schedules: how many tokens each sequence unmasks (and remasks) at each step.
+"""Schedules: how many tokens each sequence unmasks (and remasks) at each step, or with which
+probabilities.
 
-A schedule sees the step index and the per-row counts of masked / clean positions and returns per-row
-counts; *which* positions is the rules' business (``prism.samplers.rules``).
+A schedule plans each step (``plans(state)`` yields one ``StepPlan`` per step, reading the sampler's
+live state); *which* positions is the rules' business (``prism.samplers.rules``) when the plan gives
+counts. Simple count schedules only implement ``time(i)`` and ``counts(i, n_masked, n_clean, g)``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -13,13 +16,52 @@ from prism.masking import LOGLINEAR, NoiseSchedule
 from registry import SCHEDULES
 
 
+@dataclass
+class StepPlan:
+    """One step, from time ``t`` to ``s``. Per row either counts (``n_unmask`` / ``n_remask``, (B,)
+    long: the rules pick the positions) or probabilities (``p_unmask`` / ``p_remask``, (B,) or
+    (B, L): every candidate position independently). Unmasking candidates are the masked positions,
+    remasking candidates the clean generated positions before the step (``remask_fresh``: also those
+    unmasked in this step, as Token-Critic re-decides every position); both within ``window``
+    ((B, L) bool, e.g. the current semi-autoregressive block) when given."""
+
+    t: float
+    s: float
+    n_unmask: Optional[torch.Tensor] = None
+    p_unmask: Optional[torch.Tensor] = None
+    n_remask: Optional[torch.Tensor] = None
+    p_remask: Optional[torch.Tensor] = None
+    window: Optional[torch.Tensor] = None
+    remask_fresh: bool = False
+
+    @property
+    def may_remask(self) -> bool:
+        if self.n_remask is not None:
+            return bool((self.n_remask > 0).any())
+        return self.p_remask is not None and bool((self.p_remask > 0).any())
+
+
 class Schedule:
-    """``n_steps`` steps; ``time(i)`` gives (t, s) for step i; ``counts`` the per-row numbers."""
+    """``n_steps`` steps; ``time(i)`` gives (t, s) for step i; ``counts`` the per-row numbers;
+    ``plans`` the steps (by default from ``time`` and ``counts``). ``remasks``: whether any step may
+    remask (then the loop keeps going when nothing is masked)."""
 
     n_steps: int
+    remasks: bool = False
+
+    @property
+    def final_t(self) -> float:
+        """The time of the final noise-removal pass."""
+        return float(self.time(self.n_steps - 1)[1])
 
     def time(self, i: int) -> Tuple[float, float]:
         raise NotImplementedError
+
+    def plans(self, state) -> Iterator[StepPlan]:
+        for i in range(self.n_steps):
+            t, s = self.time(i)
+            n_unmask, n_remask = self.counts(i, state.n_masked, state.n_clean, state.generator)
+            yield StepPlan(t, s, n_unmask=n_unmask, n_remask=n_remask)
 
     def counts(
         self, i: int, n_masked: torch.Tensor, n_clean: torch.Tensor, generator: Optional[torch.Generator]
