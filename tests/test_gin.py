@@ -23,7 +23,7 @@ def test_typo_in_a_component_name_says_what_was_meant():
     proc = run_cli("train", "gin/sudoku/mdm.gin", "--bind", "experiment.sampler = @samplers.mdml()")
     assert proc.returncode != 0
     assert "Did you mean 'samplers.mdlm'?" in proc.stderr
-    assert "Known samplers: samplers.loop, samplers.mdlm" in proc.stderr
+    assert "Known samplers: samplers.dfm, samplers.loop, samplers.mdlm, samplers.prism" in proc.stderr
 
 
 def test_typo_in_a_kind_and_in_a_parameter():
