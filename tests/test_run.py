@@ -174,3 +174,23 @@ def test_prism_and_token_critic_fine_tunes_compose_from_gin(tiny_gin, tmp_path):
                           str(tmp_path / "bad"), "--bind", f"experiment.init_checkpoint = '{start}'",
                           "--bind", "models.mdm.head = @heads.linear"], capture_output=True, text=True)
     assert bad.returncode != 0 and "experiment.init_new" in bad.stderr
+
+
+@pytest.mark.parametrize("sampler_gin,binds", [
+    ("gin/samplers/semi_ar.gin", ["BLOCK_LENGTH = 10", "K_BLOCK = 2", "STEPS = 27"]),
+    ("gin/samplers/prism.gin", ["NUM_REMASK = 2"]),
+    ("gin/samplers/remdm_loop.gin", []),
+    ("gin/samplers/dfm.gin", []),
+])
+def test_remasking_samplers_compose_from_gin(tiny_gin, tmp_path, sampler_gin, binds):
+    """A model with a PRISM head, sampled by remasking samplers chosen in gin alone."""
+    out = str(tmp_path / "run")
+    head = ["--bind", "models.mdm.head = @heads.linear"]
+    run_py(["train", tiny_gin, "--output-dir", out, "--bind", "train.steps = 2"] + head)
+    args = ["eval", tiny_gin, os.path.join(REPO, sampler_gin), "--output-dir", out] + head
+    for b in binds:
+        args += ["--bind", b]
+    run_py(args)
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    samples = [json.loads(l) for l in open(os.path.join(out, "samples.jsonl"))]
+    assert m["n"] == 12 and m["givens_kept"] == 1.0 and all(0 not in s["tokens"] for s in samples)

@@ -1,0 +1,67 @@
+"""The Sudoku sampler comparison (the paper's Figure 3, on this machine): success rate on the dev
+puzzles for the vanilla MDM, ReMDM-conf, ReMDM-cap, Token-Critic and PRISM, plus a sweep over PRISM's
+K and the number of steps T. Every row is one `python run.py eval` command (printed, with its output
+directory under --out), so any row can be re-run alone.
+
+    python benchmarks/sudoku_samplers.py [--limit 1000] [--rows main|sweep|all] [--out runs/sudoku_samplers]
+
+Weights: gin/sudoku/mdm.safetensors (vanilla, ReMDM), gin/sudoku/token_critic.safetensors,
+gin/sudoku/prism.safetensors. Writes OUT/table.md.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MDM, TC, PRISM = "gin/sudoku/mdm.safetensors", "gin/sudoku/token_critic.safetensors", "gin/sudoku/prism.safetensors"
+# name, model gin, sampler gin (None: the MDLM sampler of base.gin), weights, extra bindings
+MAIN = [
+    ("vanilla MDM (MDLM sampler)", "gin/sudoku/mdm.gin", None, MDM, []),
+    ("ReMDM-conf", "gin/sudoku/mdm.gin", "gin/samplers/remdm_conf.gin", MDM, []),
+    ("ReMDM-cap, η = 0.02", "gin/sudoku/mdm.gin", "gin/samplers/remdm.gin", MDM, []),
+    ("Token-Critic", "gin/sudoku/token_critic.gin", "gin/samplers/token_critic.gin", TC, []),
+    ("PRISM fine-tune, MDLM sampler (no remasking)", "gin/sudoku/prism.gin", None, PRISM, []),
+    ("PRISM, K = 4", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", PRISM, []),
+]
+SWEEP = [(f"PRISM, K = {k}", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", PRISM, [f"NUM_REMASK = {k}"]) for k in (1, 2, 8)]
+SWEEP += [("vanilla MDM, T = 101", "gin/sudoku/mdm.gin", None, MDM, ["STEPS = 101"]),
+          ("PRISM, K = 4, T = 101", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", PRISM, ["STEPS = 101"])]
+
+
+def slug(name):
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--rows", choices=["main", "sweep", "all"], default="all")
+    p.add_argument("--out", default="runs/sudoku_samplers")
+    args = p.parse_args()
+    rows = {"main": MAIN, "sweep": SWEEP, "all": MAIN + SWEEP}[args.rows]
+    lines = ["| sampler | weights | success | units valid | NFE per batch | seconds |", "|---|---|---|---|---|---|"]
+    for name, model_gin, sampler_gin, weights, binds in rows:
+        out = os.path.join(args.out, slug(name))
+        cmd = [sys.executable, "run.py", "eval", model_gin] + ([sampler_gin] if sampler_gin else [])
+        for b in [f"experiment.init_checkpoint = '{weights}'", "experiment.init_new = []", f"evaluate.limit = {args.limit}"] + binds:
+            cmd += ["--bind", b]
+        cmd += ["--output-dir", out]
+        print("$ " + " ".join(c if " " not in c else f'"{c}"' for c in cmd[1:]), flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+        m = json.load(open(os.path.join(REPO, out, "metrics.json")))
+        lines.append(f"| {name} | {os.path.basename(weights)} | {m['success']:.3f} | {m['units_valid']:.3f} | "
+                     f"{m['nfe']:.1f} | {m['seconds']:.0f} |")
+        print(lines[-1], f"({time.time() - t0:.0f} s)", flush=True)
+    text = f"Sudoku dev puzzles (first {args.limit}), T = 51 unless said\n\n" + "\n".join(lines)
+    print(text)
+    with open(os.path.join(REPO, args.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
