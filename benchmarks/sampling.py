@@ -1,0 +1,68 @@
+"""Wall time and NFE of vanilla MDLM, ReMDM and PRISM sampling at equal steps, on the same model and
+puzzles (the Sudoku DiT of gin/sudoku/prism.gin: cpu preset + linear head; weights do not matter
+for speed, random ones are used unless --weights is given).
+
+    python benchmarks/sampling.py [--steps 51] [--batch-size 250] [--batches 2] [--threads 2]
+
+"MDLM, no head" runs the same backbone without the head: the difference to "MDLM, with head" is
+what the quality head costs per pass. Run it on an otherwise idle machine.
+"""
+import argparse
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import gin  # noqa: E402
+import torch  # noqa: E402
+
+import run  # noqa: E402
+from prism.experiment import build_experiment  # noqa: E402
+from prism.samplers import mdlm_sampler  # noqa: E402
+from prism.samplers.prism import prism_sampler  # noqa: E402
+from prism.samplers.remdm import remdm_sampler  # noqa: E402
+from prism.train import step_generator  # noqa: E402
+from registry import load_builtin_components  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=51)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    load_builtin_components()
+    binds = ["tasks.sudoku.n_train_grids = 10", "tasks.sudoku.cache_dir = None", "experiment.init_new = []",
+             f"experiment.init_checkpoint = {repr(args.weights) if args.weights else None}"]
+    run.parse_gin(["sudoku/prism.gin"], binds)
+    exp = build_experiment()
+    model = exp.model.eval()
+    head = model.head
+    batches = list(exp.task.eval_batches(args.batch_size))[: args.batches]
+    T = args.steps
+    rows = [("MDLM, no head", mdlm_sampler(T), False), ("MDLM, with head", mdlm_sampler(T), True),
+            ("ReMDM-cap η = 0.02", remdm_sampler(T, "cap", 0.02), True), ("ReMDM-conf", remdm_sampler(T, "conf"), True),
+            ("PRISM K = 4 (Algorithm 3)", prism_sampler(T, num_remask=4), True)]
+    print(f"torch {torch.__version__}, {args.threads} threads; {args.batches} batches of {args.batch_size} dev puzzles, T = {T}")
+    print("| sampler | seconds | NFE per batch | ms per pass | × MDLM without head |\n|---|---|---|---|---|")
+    base = None
+    for name, sampler, with_head in rows:
+        model.head = head if with_head else None
+        sampler(model, batches[0], step_generator(0, 0, domain=1))  # warm-up
+        t0, nfe = time.perf_counter(), 0
+        for i, b in enumerate(batches):
+            nfe += sampler(model, b, step_generator(0, i, domain=1)).nfe
+        sec = time.perf_counter() - t0
+        base = base or sec
+        ratio = f"{sec / base:.3f}"
+        print(f"| {name} | {sec:.2f} | {nfe / len(batches):.1f} | {1000 * sec / nfe:.1f} | {ratio} |")
+    model.head = head
+
+
+if __name__ == "__main__":
+    main()
