@@ -155,13 +155,17 @@ def run_options(
     eval_after_train: bool = False,
     project_name: str = "prism",
     overwrite: bool = False,
+    find_unused_parameters: bool = False,
 ):
     """Process-level settings. ``mixed_precision``: 'no' | 'bf16' | 'fp16' (fp16 needs CUDA);
     ``log_with``: an Accelerate tracker ('tensorboard', 'wandb', ...); ``eval_before_train`` /
     ``eval_after_train``: run ``evaluate`` around training and print a results table;
-    ``overwrite``: as ``--overwrite`` (for demo runs whose results are cheap to remake)."""
+    ``overwrite``: as ``--overwrite`` (for demo runs whose results are cheap to remake);
+    ``find_unused_parameters``: tell DDP that some trainable parameters may get no gradient in a step
+    (e.g. the vocabulary layer of a Token-Critic's backbone, whose logits the critic never reads)."""
     return dict(mixed_precision=mixed_precision, log_with=log_with, eval_before_train=eval_before_train,
-                eval_after_train=eval_after_train, project_name=project_name, overwrite=overwrite)
+                eval_after_train=eval_after_train, project_name=project_name, overwrite=overwrite,
+                find_unused_parameters=find_unused_parameters)
 
 
 def make_accelerator(opts: dict, output_dir: str):
@@ -173,8 +177,13 @@ def make_accelerator(opts: dict, output_dir: str):
     cpu = not torch.cuda.is_available()
     # step_scheduler_with_optimizer=False: otherwise Accelerate advances a prepared scheduler once per
     # process at every optimizer step (warm-up N times too short, cosine past its end on N processes).
+    kwargs = []
+    if opts.get("find_unused_parameters"):
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(cpu=cpu, mixed_precision=opts["mixed_precision"], log_with=opts["log_with"],
-                       project_dir=output_dir, step_scheduler_with_optimizer=False)
+                       project_dir=output_dir, step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
 
 
 def format_table(rows: List[dict], columns: List[str]) -> str:

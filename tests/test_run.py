@@ -194,3 +194,23 @@ def test_remasking_samplers_compose_from_gin(tiny_gin, tmp_path, sampler_gin, bi
     m = json.load(open(os.path.join(out, "metrics.json")))
     samples = [json.loads(l) for l in open(os.path.join(out, "samples.jsonl"))]
     assert m["n"] == 12 and m["givens_kept"] == 1.0 and all(0 not in s["tokens"] for s in samples)
+
+
+@pytest.mark.slow
+def test_prism_and_token_critic_train_on_two_processes(tiny_gin, tmp_path):
+    """Both fine-tuning losses under DDP: PRISM's two passes in one wrapped forward, and the
+    Token-Critic (whose backbone's vocabulary layer gets no gradient: run.find_unused_parameters)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {"ACCELERATE_USE_CPU": "true"}
+    common = ["--bind", "train.steps = 2", "--bind", "train.log_every = 1"]
+    prism = str(tmp_path / "prism")
+    run_py(["train", tiny_gin, "--output-dir", prism, "--bind", "models.mdm.head = @heads.linear",
+            "--bind", "experiment.loss = @losses.prism()", *common], env=env, launcher=torchrun)
+    assert json.load(open(os.path.join(prism, "train_result.json")))["train"]["ranks_in_sync"] == 1.0
+    critic = str(tmp_path / "critic")
+    run_py(["train", tiny_gin, "--output-dir", critic, "--bind", "experiment.trainable = ['critic.*']",
+            "--bind", "models.mdm.critic = @models.token_critic()",
+            "--bind", "models.token_critic.backbone = @critic/backbones.dit()",
+            "--bind", "experiment.loss = @losses.token_critic()", "--bind", "run.find_unused_parameters = True",
+            *common], env=env, launcher=torchrun)
+    assert json.load(open(os.path.join(critic, "train_result.json")))["train"]["ranks_in_sync"] == 1.0
