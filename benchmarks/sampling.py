@@ -15,7 +15,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import gin  # noqa: E402
 import torch  # noqa: E402
 
 import run  # noqa: E402

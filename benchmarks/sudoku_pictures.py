@@ -16,7 +16,6 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import gin  # noqa: E402
 import torch  # noqa: E402
 
 import run  # noqa: E402

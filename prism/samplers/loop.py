@@ -16,7 +16,7 @@ import torch
 
 from prism.samplers.draw import GumbelDraw
 from prism.samplers.rules import RandomUnmask, UnmaskRule, select_top
-from prism.samplers.schedules import MDLMSchedule, Schedule, StepPlan
+from prism.samplers.schedules import MDLMSchedule, Schedule
 from registry import SAMPLERS
 
 

@@ -11,7 +11,6 @@ position outside the current block is ever touched.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
