@@ -4,7 +4,8 @@
   quality g_i (one forward pass on the finished board); givens in grey, wrong cells (against the
   puzzle's rules) outlined in red;
 - OUT_denoising.gif: the denoising of the same puzzle, one frame per step: masked cells blank, cells
-  unmasked at the step in blue, cells remasked at the step in red, cell colour = quality seen then.
+  unmasked at the step in blue (with the digit written), cells remasked at the step in red (with the
+  digit removed), cell colour = the quality the step saw (white: no quality yet).
 
     python benchmarks/sudoku_pictures.py --weights gin/sudoku/prism.safetensors [--puzzle 0] \
         [--steps 51] [--num-remask 4] [--out benchmarks/results/sudoku_prism]
@@ -130,6 +131,8 @@ def main():
         z = grid(st["z"][0]).clone()
         if qk is not None:
             qk[(z == 0) | given] = float("nan")
+        after = frames[k + 1]["z"] if k + 1 < len(frames) else out.tokens  # the digits this step wrote
+        z = torch.where(grid(st["unmasked"][0]), grid(after[0]), z)
         n_rem = int(st["remasked"].sum())
         draw_board(ax, z, given, qk, grid(st["unmasked"][0]), grid(st["remasked"][0]),
                    title=f"step {k + 1}/{len(frames)}: {int(st['unmasked'].sum())} unmasked (blue), {n_rem} remasked (red)")
