@@ -19,8 +19,8 @@ import torch
 
 from prism.calibration import auroc, expected_calibration_error, reliability
 from prism.losses.prism import choose_fill_positions
+from prism.losses.token_critic import fill_all
 from prism.masking import LOGLINEAR, mask_tokens, sample_t
-from prism.samplers.draw import gumbel_max
 
 
 @torch.no_grad()
@@ -30,14 +30,12 @@ def score_fills(batch: Dict[str, torch.Tensor], filler, generator: torch.Generat
     x, fixed = batch["input_ids"], batch["fixed"]
     t = sample_t(x.shape[0], eps, True, generator)
     z, masked = mask_tokens(x, t, filler.mask_id, fixed, generator, noise or LOGLINEAR)
-    log_probs = filler(z, t=t).log_probs
-    tokens = gumbel_max(log_probs, generator)
-    x_hat = torch.where(masked, tokens, x)
+    x_hat, log_probs = fill_all(filler, z, None, t, generator)
     scored = choose_fill_positions("random", k, masked, None, generator)
-    y = torch.where(scored, tokens, z)
+    y = torch.where(scored, x_hat, z)
     out = {
         "label": (x_hat == x)[scored],
-        "confidence": log_probs.gather(-1, tokens[..., None]).squeeze(-1)[scored].exp(),
+        "confidence": log_probs.gather(-1, x_hat[..., None]).squeeze(-1)[scored].exp(),
         "t": t[:, None].expand_as(x)[scored],
     }
     if prism_model is not None:

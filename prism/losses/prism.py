@@ -10,8 +10,9 @@ For a data sequence x:
 
     L = mean over filled (y, i) of BCE(1[y_i = x_i], g_i(y))  +  λ · L_MDM(z).
 
-Proposition 1: the minimiser is g_i(y) = p(x_i = y_i | y with position i masked) (k = 1); with k > 1
-it is the same probability given y with all k filled positions masked (Proposition 2).
+Proposition 1: the minimiser is g_i(y) = p(x_i = y_i | y with position i masked) (k = 1). With k > 1
+the head cannot tell its k − 1 companion fills from data tokens, and the minimiser is the posterior
+under the whole sampling process, P(x_i = y_i | y, i ∈ F) (enumerated in tests/test_prop1.py).
 
 Two backbone passes per step in all (the MDM term and the draw of y share the pass on z); both run in
 the one ``forward`` that ``prism.train`` wraps for DDP. With ``source='frozen'`` y is drawn from a frozen

@@ -56,12 +56,13 @@ class TokenCriticLoss(Loss):
         z, masked = mask_tokens(x, t, model.mask_id, fixed, generator, self.noise)
         with torch.no_grad():
             x_hat, _ = fill_all(model, z, attention_mask, t, generator, self.temperature, self.top_p)
-        logits = model.critic_logits(x_hat, attention_mask)[masked].float()
+        all_logits = model.critic_logits(x_hat, attention_mask)
+        logits = all_logits[masked].float()
         target = (x_hat == x)[masked].float()
         if logits.numel():
             loss = F.binary_cross_entropy_with_logits(logits, target)
-        else:
-            loss = model.critic_logits(x_hat, attention_mask).sum() * 0.0
+        else:  # nothing was masked anywhere in the batch: keep the graph, contribute nothing
+            loss = all_logits.sum() * 0.0
         with torch.no_grad():
             p = torch.sigmoid(logits)
             nan = torch.tensor(float("nan"))

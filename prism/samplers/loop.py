@@ -42,7 +42,6 @@ class SamplerState:
         self.confidence = torch.full(z.shape, float("nan"), dtype=torch.float64, device=z.device)
         self.log_probs = self.quality = self.token_log_probs = None
         self.step = 0
-        self.initial_masked = self.n_masked.clone()
 
     @property
     def masked(self) -> torch.Tensor:
@@ -164,7 +163,7 @@ class Sampler:
         masked = state.masked
         if self.noise_removal and masked.any():
             if out is None or not cache:
-                out = predict(float(getattr(self.schedule, "final_t", 1e-5)))
+                out = predict(self.schedule.final_t)
             state.z = torch.where(masked, out.log_probs.argmax(-1), state.z)
         return SampleOutput(tokens=state.z, nfe=nfe, trace=steps)
 
