@@ -10,7 +10,7 @@ from prism.backbones.dit import DiT
 from prism.calibration import auroc, expected_calibration_error, reliability
 from prism.experiment import load_weights, save_weights, set_trainable
 from prism.heads.quality import AttentionHead, LinearHead, MLPHead
-from prism.losses.prism import PRISMLoss, choose_fill_positions
+from prism.losses.prism import PRISMLoss, choose_fill_positions, fill_counts
 from prism.losses.token_critic import TokenCriticLoss
 from prism.masking import NoiseSchedule
 from prism.model import MDM, MDMOutput, TokenCritic, subs_log_probs
@@ -153,6 +153,31 @@ def test_prism_loss_k_and_n_y_shapes():
     assert (label == ((y == x.repeat(3, 1)) & filled)).all()
     # the n_y index sets differ (random positions per copy)
     assert not (filled[:5] == filled[5:10]).all()
+
+
+def test_uniform_k_is_uniform_on_one_to_the_number_masked():
+    # rows with 6, 1 and 0 masked positions, 6000 draws each
+    masked = torch.zeros(3, 9, dtype=torch.bool)
+    masked[0, :6] = masked[1, 4] = True
+    g = torch.Generator().manual_seed(0)
+    counts = torch.stack([fill_counts("uniform", masked, g) for _ in range(6000)])
+    assert counts[:, 1].eq(1).all() and counts[:, 2].eq(0).all()
+    freq = torch.bincount(counts[:, 0], minlength=7).double() / 6000
+    assert freq[0] == 0 and (freq[1:] - 1 / 6).abs().max() < 0.02  # ~4 binomial s.d. (0.0048 each)
+    # through the loss: a row is filled at exactly that many of its masked positions, nowhere else
+    torch.manual_seed(0)
+    model = MDM(DiT(11, 0, preset="test"), LinearHead)
+    loss = PRISMLoss(k="uniform", n_y=2)
+    x = torch.randint(1, 11, (3, 9))
+    z = torch.where(masked, torch.zeros_like(x), x)
+    y, filled, _ = loss.draw_y(model(z).log_probs.detach(), x, z, masked, torch.Generator().manual_seed(3))
+    assert (filled <= masked.repeat(2, 1)).all()
+    assert filled[[1, 4]].sum(1).tolist() == [1, 1] and filled[[2, 5]].sum() == 0
+    assert 1 <= filled[0].sum() <= 6 and 1 <= filled[3].sum() <= 6
+    with pytest.raises(ValueError, match="'uniform'"):
+        PRISMLoss(k="all")
+    with pytest.raises(ValueError, match="'uniform'"):
+        fill_counts("all", masked, g)
 
 
 def test_prism_needs_a_head_and_frozen_source_is_a_copy():

@@ -21,7 +21,7 @@ copy of the starting model instead (a third, gradient-free pass).
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,23 @@ POSITIONS = ("random", "confident", "leftmost_confident")
 SOURCES = ("model", "frozen")
 
 
-def choose_fill_positions(rule: str, k: int, masked: torch.Tensor, token_log_probs: torch.Tensor,
+def fill_counts(k: Union[int, str], masked: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(B,) long: how many masked positions of each row to fill. An int k is the paper's fixed k;
+    ``'uniform'`` draws k ~ U{1, ..., #masked} per row (0 for a row with no masks), so the head also
+    sees sequences where most masked positions hold model guesses, as a sampler's late steps do."""
+    if isinstance(k, int):
+        return torch.full((masked.shape[0],), k, dtype=torch.long, device=masked.device)
+    if k != "uniform":
+        raise ValueError(f"losses.prism.k must be a positive int or 'uniform'; got {k!r}")
+    n = masked.sum(1).cpu()
+    u = torch.rand(n.shape, generator=generator, dtype=torch.float64)
+    return (1 + (u * n).floor().long()).minimum(n).to(masked.device)  # n = 0 gives 0
+
+
+def choose_fill_positions(rule: str, k: Union[int, str], masked: torch.Tensor, token_log_probs: torch.Tensor,
                           generator: Optional[torch.Generator], window: Optional[int] = None) -> torch.Tensor:
-    """(B, L) bool: the k masked positions of each row to fill (all of them if fewer are masked).
+    """(B, L) bool: the k masked positions of each row to fill (all of them if fewer are masked;
+    ``k='uniform'``: a per-row count, see ``fill_counts``).
 
     ``random``: uniform among masked positions; ``confident``: the highest probability of the drawn
     token; ``leftmost_confident``: the most confident among the leftmost ``window`` masked positions
@@ -57,7 +71,7 @@ def choose_fill_positions(rule: str, k: int, masked: torch.Tensor, token_log_pro
             eligible = masked & (masked.long().cumsum(1) <= window)
     else:
         raise ValueError(f"unknown positions rule {rule!r}; known: {', '.join(POSITIONS)}")
-    counts = torch.full((masked.shape[0],), k, dtype=torch.long, device=masked.device)
+    counts = fill_counts(k, masked, generator)
     return select_top(scores, eligible, counts)
 
 
@@ -65,20 +79,21 @@ def choose_fill_positions(rule: str, k: int, masked: torch.Tensor, token_log_pro
 class PRISMLoss(Loss):
     """PRISM loss (Algorithm 1, Eq. 3): BCE of the quality head on k self-filled positions + λ·MDLM.
 
-    ``k``: positions filled per y; ``n_y``: index sets (sequences y) per z; ``mdm_weight``: λ;
+    ``k``: positions filled per y (an int, or 'uniform': k ~ U{1..#masked} per sequence);
+    ``n_y``: index sets (sequences y) per z; ``mdm_weight``: λ;
     ``temperature`` / ``top_p``: how y's tokens are drawn; ``positions``: 'random' | 'confident' |
     'leftmost_confident' (with ``window``); ``source``: 'model' (the current model, stop-gradient)
     or 'frozen' (a frozen copy of the model as loaded from ``experiment.init_checkpoint``).
     Which parameters train is ``experiment.trainable`` (head only, head + backbone, ...).
     """
 
-    def __init__(self, k: int = 4, n_y: int = 1, mdm_weight: float = 5.0, temperature: float = 1.0,
+    def __init__(self, k: Union[int, str] = 4, n_y: int = 1, mdm_weight: float = 5.0, temperature: float = 1.0,
                  top_p: float = 1.0, positions: str = "random", window: Optional[int] = None,
                  source: str = "model", eps: float = 1e-3, antithetic: bool = True,
                  noise: Optional[NoiseSchedule] = None):
         super().__init__()
-        if k < 1 or n_y < 1 or mdm_weight < 0:
-            raise ValueError(f"need k >= 1, n_y >= 1, mdm_weight >= 0; got {k}, {n_y}, {mdm_weight}")
+        if not (k == "uniform" or (isinstance(k, int) and k >= 1)) or n_y < 1 or mdm_weight < 0:
+            raise ValueError(f"need k >= 1 (or k = 'uniform'), n_y >= 1, mdm_weight >= 0; got {k!r}, {n_y}, {mdm_weight}")
         if positions not in POSITIONS:
             raise ValueError(f"unknown positions rule {positions!r}; known: {', '.join(POSITIONS)}")
         if source not in SOURCES:
