@@ -3,7 +3,7 @@ puzzles for the vanilla MDM, ReMDM-conf, ReMDM-cap, Token-Critic and PRISM, plus
 K and the number of steps T. Every row is one `python run.py eval` command (printed, with its output
 directory under --out), so any row can be re-run alone.
 
-    python benchmarks/sudoku_samplers.py [--limit 1000] [--rows main|sweep|fix|all] [--out runs/sudoku_samplers]
+    python benchmarks/sudoku_samplers.py [--limit 1000] [--rows main|sweep|fix|all] [--only TEXT] [--out runs/sudoku_samplers]
 
 Weights: gin/sudoku/mdm.safetensors (vanilla, ReMDM), gin/sudoku/token_critic.safetensors,
 gin/sudoku/prism.safetensors. Writes OUT/table.md.
@@ -30,11 +30,23 @@ MAIN = [
 SWEEP = [(f"PRISM, K = {k}", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", PRISM, [f"NUM_REMASK = {k}"]) for k in (1, 2, 8)]
 SWEEP += [("vanilla MDM, T = 101", "gin/sudoku/mdm.gin", None, MDM, ["STEPS = 101"]),
           ("PRISM, K = 4, T = 101", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", PRISM, ["STEPS = 101"])]
-# closing the gap to Token-Critic: the head trained with k ~ U{1..#masked} fills (gin/sudoku/prism_kuniform.gin)
-# and the k = 4 recipe trained twice as long (its step-1800 weights; see the README)
-KUNI, LONG = "gin/sudoku/prism_kuniform.safetensors", "runs/prism_long/checkpoints/step_1800/weights.safetensors"
+# closing the gap to Token-Critic (README, "Fixing the gap"): the head trained with k ~ U{1..#masked}
+# fills (gin/sudoku/prism_kuniform.gin); the k = 4 recipe trained twice as long (the step-1800
+# checkpoint of `--resume`d runs/prism, not shipped); Algorithm 3 with the MDM's own signals instead
+# of a head (which part of the gain is the schedule)
+KUNI, LONG = "gin/sudoku/prism_kuniform.safetensors", "runs/prism_long/checkpoints/step_00001800/weights.safetensors"
+ALG3 = ("gin/sudoku/mdm.gin", "gin/samplers/prism.gin", MDM)
 FIX = [("PRISM k-uniform, MDLM sampler (no remasking)", "gin/sudoku/prism.gin", None, KUNI, []),
        ("PRISM k-uniform, K = 4", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI, []),
+       ("PRISM k-uniform, K = 8", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI, ["NUM_REMASK = 8"]),
+       ("PRISM k-uniform, K = 4, T = 101", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI, ["STEPS = 101"]),
+       ("PRISM k-uniform, K = 4, + PRISM-loop N_l = 50, M = 4, lowest quality", "gin/sudoku/prism.gin",
+        "gin/samplers/prism.gin", KUNI, ["samplers.prism.loop_steps = 50", "samplers.prism.loop_remask = 4",
+                                         "samplers.prism.loop_choice = 'lowest'"]),
+       ("Algorithm 3, K = 4, MDM confidence at unmask time", *ALG3,
+        ["samplers.prism.remask_rule = @remask_rules.low_confidence()"]),
+       ("Algorithm 3, K = 4, MDM current probability (P2-self)", *ALG3,
+        ["samplers.prism.remask_rule = @remask_rules.p2_self()"]),
        ("PRISM k = 4 trained 1800 steps, K = 4", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", LONG, [])]
 
 
@@ -47,8 +59,13 @@ def main():
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--rows", choices=["main", "sweep", "fix", "all"], default="all")
     p.add_argument("--out", default="runs/sudoku_samplers")
+    p.add_argument("--only", default=None, help="run only the rows whose name contains this text")
     args = p.parse_args()
     rows = {"main": MAIN, "sweep": SWEEP, "fix": FIX, "all": MAIN + SWEEP + FIX}[args.rows]
+    rows = [r for r in rows if args.only is None or args.only in r[0]]
+    missing = sorted({r[3] for r in rows if not os.path.exists(os.path.join(REPO, r[3]))})
+    if missing:
+        raise SystemExit(f"weights not found: {', '.join(missing)} (see the README for the runs that make them)")
     lines = ["| sampler | weights | success | units valid | NFE per batch | seconds |", "|---|---|---|---|---|---|"]
     for name, model_gin, sampler_gin, weights, binds in rows:
         out = os.path.join(args.out, slug(name))
