@@ -47,7 +47,14 @@ FIX = [("PRISM k-uniform, MDLM sampler (no remasking)", "gin/sudoku/prism.gin", 
         ["samplers.prism.remask_rule = @remask_rules.low_confidence()"]),
        ("Algorithm 3, K = 4, MDM current probability (P2-self)", *ALG3,
         ["samplers.prism.remask_rule = @remask_rules.p2_self()"]),
-       ("PRISM k = 4 trained 1800 steps, K = 4", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", LONG, [])]
+       ("PRISM k = 4 trained 1800 steps, K = 4", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", LONG, []),
+       # the unmasking rule: most confident first instead of uniformly random (the paper's Algorithm 3)
+       ("MDM, most-confident unmasking, no remasking", *ALG3,
+        ["NUM_REMASK = 0", "samplers.prism.unmask_rule = @unmask_rules.confidence()"]),
+       ("PRISM k-uniform, K = 4, most-confident unmasking", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI,
+        ["samplers.prism.unmask_rule = @unmask_rules.confidence()"]),
+       ("PRISM k-uniform checkpoint, most-confident unmasking, no remasking", "gin/sudoku/prism.gin",
+        "gin/samplers/prism.gin", KUNI, ["NUM_REMASK = 0", "samplers.prism.unmask_rule = @unmask_rules.confidence()"])]
 
 
 def slug(name):
