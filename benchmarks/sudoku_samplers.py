@@ -6,7 +6,8 @@ directory under --out), so any row can be re-run alone.
     python benchmarks/sudoku_samplers.py [--limit 1000] [--rows main|sweep|fix|all] [--only TEXT] [--out runs/sudoku_samplers]
 
 Weights: gin/sudoku/mdm.safetensors (vanilla, ReMDM), gin/sudoku/token_critic.safetensors,
-gin/sudoku/prism.safetensors. Writes OUT/table.md.
+gin/sudoku/prism.safetensors; the `fix` rows also gin/sudoku/prism_kuniform.safetensors and, for one
+row, runs/prism_long (made by resuming the PRISM run to 1800 steps; see the README). Writes OUT/table.md.
 """
 import argparse
 import json

@@ -13,7 +13,7 @@ from prism.samplers.draw import GumbelDraw
 from prism.samplers.prism import prism_owt_sampler, prism_sampler
 from prism.samplers.remask import LowConfidenceRemask, P2SelfRemask, PRISMRemask, RandomRemask
 from prism.samplers.remdm import ReMDMSchedule, remdm_sampler
-from prism.samplers.rules import RandomUnmask
+from prism.samplers.rules import ConfidenceUnmask, RandomUnmask
 from prism.samplers.semi_ar import SemiARSchedule, semi_ar_sampler, split_evenly, spread_centered
 
 
@@ -219,7 +219,10 @@ def test_every_sampler_ends_clean_and_keeps_fixed_positions():
                  prism_sampler(12, eta=0.1), prism_owt_sampler(12), token_critic_sampler(12), semi_ar_sampler(12, 8, 2),
                  prism_sampler(12, num_remask=2, remask_rule=LowConfidenceRemask()),
                  prism_sampler(12, num_remask=2, remask_rule=P2SelfRemask()),
-                 prism_sampler(12, num_remask=2, remask_rule=RandomRemask())]
+                 prism_sampler(12, num_remask=2, remask_rule=RandomRemask()),
+                 # most-confident unmasking, with and without remasking (README, "Fixing the gap")
+                 prism_sampler(12, num_remask=0, unmask_rule=ConfidenceUnmask()),
+                 prism_sampler(12, num_remask=2, unmask_rule=ConfidenceUnmask())]
     b = batch()
     for sampler in samplers:
         model = FakeModel()
