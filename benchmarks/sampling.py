@@ -9,6 +9,7 @@ what the quality head costs per pass. Run it on an otherwise idle machine.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -59,7 +60,7 @@ def main():
                 t0 = time.perf_counter()
                 model(x)
                 per[with_head].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
+    med = {k: statistics.median_high(v) for k, v in per.items()}
     print(f"one forward pass on {len(x)} puzzles (median of 20, interleaved): {1000 * med[False]:.1f} ms without the head, "
           f"{1000 * med[True]:.1f} ms with it (× {med[True] / med[False]:.3f})")
     print("| sampler | seconds (median) | NFE per batch | ms per pass | × MDLM without head |\n|---|---|---|---|---|")
@@ -78,7 +79,7 @@ def main():
             nfes[name] = nfe
     base = None
     for name, _, _ in rows:
-        sec = sorted(times[name])[len(times[name]) // 2]
+        sec = statistics.median_high(times[name])
         base = base or sec
         print(f"| {name} | {sec:.2f} | {nfes[name] / len(batches):.1f} | {1000 * sec / nfes[name]:.1f} | {sec / base:.3f} |")
     model.head = head

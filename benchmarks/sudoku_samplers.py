@@ -36,26 +36,24 @@ SWEEP += [("vanilla MDM, T = 101", "gin/sudoku/mdm.gin", None, MDM, ["STEPS = 10
 # checkpoint of `--resume`d runs/prism, not shipped); Algorithm 3 with the MDM's own signals instead
 # of a head (which part of the gain is the schedule)
 KUNI, LONG = "gin/sudoku/prism_kuniform.safetensors", "runs/prism_long/checkpoints/step_00001800/weights.safetensors"
-ALG3 = ("gin/sudoku/mdm.gin", "gin/samplers/prism.gin", MDM)
+ALG3 = ("gin/sudoku/mdm.gin", "gin/samplers/prism.gin", MDM)  # Algorithm 3 on the MDM, no head
+PK = ("gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI)  # Algorithm 3 with the k-uniform head
+CONFIDENT = "samplers.prism.unmask_rule = @unmask_rules.confidence()"
 FIX = [("PRISM k-uniform, MDLM sampler (no remasking)", "gin/sudoku/prism.gin", None, KUNI, []),
-       ("PRISM k-uniform, K = 4", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI, []),
-       ("PRISM k-uniform, K = 8", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI, ["NUM_REMASK = 8"]),
-       ("PRISM k-uniform, K = 4, T = 101", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI, ["STEPS = 101"]),
-       ("PRISM k-uniform, K = 4, + PRISM-loop N_l = 50, M = 4, lowest quality", "gin/sudoku/prism.gin",
-        "gin/samplers/prism.gin", KUNI, ["samplers.prism.loop_steps = 50", "samplers.prism.loop_remask = 4",
-                                         "samplers.prism.loop_choice = 'lowest'"]),
+       ("PRISM k-uniform, K = 4", *PK, []),
+       ("PRISM k-uniform, K = 8", *PK, ["NUM_REMASK = 8"]),
+       ("PRISM k-uniform, K = 4, T = 101", *PK, ["STEPS = 101"]),
+       ("PRISM k-uniform, K = 4, + PRISM-loop N_l = 50, M = 4, lowest quality", *PK,
+        ["samplers.prism.loop_steps = 50", "samplers.prism.loop_remask = 4", "samplers.prism.loop_choice = 'lowest'"]),
        ("Algorithm 3, K = 4, MDM confidence at unmask time", *ALG3,
         ["samplers.prism.remask_rule = @remask_rules.low_confidence()"]),
        ("Algorithm 3, K = 4, MDM current probability (P2-self)", *ALG3,
         ["samplers.prism.remask_rule = @remask_rules.p2_self()"]),
        ("PRISM k = 4 trained 1800 steps, K = 4", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", LONG, []),
        # the unmasking rule: most confident first instead of uniformly random (the paper's Algorithm 3)
-       ("MDM, most-confident unmasking, no remasking", *ALG3,
-        ["NUM_REMASK = 0", "samplers.prism.unmask_rule = @unmask_rules.confidence()"]),
-       ("PRISM k-uniform, K = 4, most-confident unmasking", "gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI,
-        ["samplers.prism.unmask_rule = @unmask_rules.confidence()"]),
-       ("PRISM k-uniform checkpoint, most-confident unmasking, no remasking", "gin/sudoku/prism.gin",
-        "gin/samplers/prism.gin", KUNI, ["NUM_REMASK = 0", "samplers.prism.unmask_rule = @unmask_rules.confidence()"])]
+       ("MDM, most-confident unmasking, no remasking", *ALG3, ["NUM_REMASK = 0", CONFIDENT]),
+       ("PRISM k-uniform, K = 4, most-confident unmasking", *PK, [CONFIDENT]),
+       ("PRISM k-uniform checkpoint, most-confident unmasking, no remasking", *PK, ["NUM_REMASK = 0", CONFIDENT])]
 
 
 def slug(name):

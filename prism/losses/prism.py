@@ -38,14 +38,19 @@ POSITIONS = ("random", "confident", "leftmost_confident")
 SOURCES = ("model", "frozen")
 
 
+def check_k(k: Union[int, str]) -> None:
+    """Algorithm 1's k: a positive int, or 'uniform' (see ``fill_counts``)."""
+    if not (k == "uniform" or (isinstance(k, int) and k >= 1)):
+        raise ValueError(f"losses.prism.k must be a positive int or 'uniform'; got {k!r}")
+
+
 def fill_counts(k: Union[int, str], masked: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     """(B,) long: how many masked positions of each row to fill. An int k is the paper's fixed k;
     ``'uniform'`` draws k ~ U{1, ..., #masked} per row (0 for a row with no masks), so the head also
     sees sequences where most masked positions hold model guesses, as a sampler's late steps do."""
-    if isinstance(k, int):
-        return torch.full((masked.shape[0],), k, dtype=torch.long, device=masked.device)
+    check_k(k)
     if k != "uniform":
-        raise ValueError(f"losses.prism.k must be a positive int or 'uniform'; got {k!r}")
+        return torch.full((masked.shape[0],), k, dtype=torch.long, device=masked.device)
     n = masked.sum(1).cpu()
     u = torch.rand(n.shape, generator=generator, dtype=torch.float64)
     return (1 + (u * n).floor().long()).minimum(n).to(masked.device)  # n = 0 gives 0
@@ -92,8 +97,9 @@ class PRISMLoss(Loss):
                  source: str = "model", eps: float = 1e-3, antithetic: bool = True,
                  noise: Optional[NoiseSchedule] = None):
         super().__init__()
-        if not (k == "uniform" or (isinstance(k, int) and k >= 1)) or n_y < 1 or mdm_weight < 0:
-            raise ValueError(f"need k >= 1 (or k = 'uniform'), n_y >= 1, mdm_weight >= 0; got {k!r}, {n_y}, {mdm_weight}")
+        check_k(k)
+        if n_y < 1 or mdm_weight < 0:
+            raise ValueError(f"need n_y >= 1, mdm_weight >= 0; got {n_y}, {mdm_weight}")
         if positions not in POSITIONS:
             raise ValueError(f"unknown positions rule {positions!r}; known: {', '.join(POSITIONS)}")
         if source not in SOURCES:
