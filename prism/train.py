@@ -1,13 +1,16 @@
-"""``train``: the Accelerate training loop.
+"""``train``: one Accelerate training loop for one process, DDP, FSDP (1 and 2) and DeepSpeed ZeRO-1/2/3.
 
-AdamW, transformers schedulers (constant / cosine, with warmup), gradient accumulation, clipping,
+AdamW, transformers schedulers (constant / cosine, with warmup), gradient accumulation through
+``accelerator.accumulate`` (so DeepSpeed steps its engine once per optimizer step), clipping, an
 optional EMA, mixed precision where the device supports it, per-(seed, rank, step) randomness (so a
 resumed run reproduces the same losses and each rank sees its own data), atomic checkpoints with
-``accelerator.save_state``, metrics to ``metrics.jsonl`` (and to trackers when asked).
+``accelerator.save_state`` plus gathered weights (``accelerator.get_state_dict``, collective), metrics
+to ``metrics.jsonl`` (and to trackers when asked). A non-finite loss or gradient never reaches the
+weights: the run stops (or skips the step, ``on_nonfinite = 'skip'``) and no checkpoint is written
+from non-finite weights, so the last good one is never rotated out for a bad one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from prism.experiment import Experiment
-from prism.paths import write_text_atomic
+from prism.distributed import EMA, all_finite, as_scalar, layout, ranks_in_sync
+from prism.experiment import Experiment, parameter_aliases, save_weights
+from prism.runlog import append_row, keep_rows_up_to
 
 CKPT_PREFIX = "step_"
 
@@ -48,49 +52,6 @@ class TrainModule(nn.Module):
         return out.loss, out.logs
 
 
-class EMA:
-    """Exponential moving average of the parameters, θ_ema ← d_n·θ_ema + (1 − d_n)·θ, with the usual
-    warm-up d_n = min(decay, (1 + n) / (10 + n)) after n updates, so that early checkpoints are not
-    dominated by the random initialisation (with d = 0.999 a plain EMA still holds 78% of it after
-    250 steps)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        from prism.experiment import parameter_aliases
-
-        self.decay, self.updates = decay, 0
-        # float32 copies on each parameter's own device (build after accelerator.prepare on GPUs)
-        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
-        self.aliases = parameter_aliases(model)
-
-    def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        d = self.current_decay()
-        for k, p in model.named_parameters():
-            if k in self.shadow:
-                self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
-        self.updates += 1
-
-    def state_dict(self):
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state):
-        self.decay, self.updates = state["decay"], state.get("updates", 10**9)
-        self.shadow = {k: v.to(self.shadow[k].device if k in self.shadow else v.device).clone()
-                       for k, v in state["shadow"].items()}
-
-    def weights(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        """The model's state dict with EMA values in place of the trained parameters."""
-        state = model.state_dict()
-        out = {}
-        for k, v in state.items():
-            src = self.aliases.get(k, k)  # a tied weight takes the average of the tensor it shares
-            out[k] = self.shadow[src].to(v.dtype) if src in self.shadow else v
-        return out
-
-
 def list_checkpoints(output_dir: str):
     """Complete checkpoints (directories with trainer_state.json), oldest first."""
     root = os.path.join(output_dir, "checkpoints")
@@ -104,11 +65,22 @@ def list_checkpoints(output_dir: str):
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, model: nn.Module, ema: Optional[EMA], keep: int, extra: dict):
-    """``accelerator.save_state`` into a temporary directory, then an atomic rename: a crash while
-    saving leaves the previous checkpoint intact and never a half-written one that looks complete."""
-    from prism.experiment import save_weights
 
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient or weight turned NaN or inf; raised on every rank at the same step."""
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, module: nn.Module, model: nn.Module,
+                    ema: Optional[EMA], keep: int, extra: dict) -> str:
+    """``accelerator.save_state`` (each rank its part) and the gathered ``weights.safetensors`` (EMA
+    values when the run keeps an EMA) into a temporary directory, then an atomic rename: a crash
+    while saving leaves the previous checkpoint intact and never a half-written one that looks
+    complete. Refuses weights that are not finite, before touching any checkpoint. Every rank must
+    call it (gathering sharded weights is collective)."""
+    if not all_finite(accelerator, model):
+        raise NonFiniteError(f"step {step}: the weights hold NaN or inf; no checkpoint was written and the "
+                             f"earlier ones in {output_dir}/checkpoints are untouched")
     root = os.path.join(output_dir, "checkpoints")
     final = os.path.join(root, f"{CKPT_PREFIX}{step:08d}")
     tmp = os.path.join(root, f".tmp-{CKPT_PREFIX}{step:08d}")
@@ -116,9 +88,19 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model: nn.Module, e
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    state = accelerator.get_state_dict(module)  # the whole model on the main process
+    shadow = ema.full_shadow() if ema is not None else None
+    if ema is not None:
+        ema.save(tmp, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        weights = ema.weights(model) if ema is not None else model.state_dict()
+        weights = {}
+        for k, v in state.items():
+            k = k.replace("_orig_mod.", "")  # torch.compile's wrapper
+            if k.startswith("model."):
+                weights[k[len("model."):]] = v
+        if ema is not None:
+            weights = ema.weights(weights, parameter_aliases(model), shadow)
         save_weights(weights, model, os.path.join(tmp, "weights.safetensors"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, **extra}, f)
@@ -128,6 +110,45 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model: nn.Module, e
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class LogWindow:
+    """Sums of the logged values since the last log row. Saved in every checkpoint (reduced over
+    ranks), so a run resumed from a checkpoint in the middle of a window logs what the
+    uninterrupted run logs, whatever ``save_every`` and ``log_every`` are."""
+
+    def __init__(self, device, state: Optional[dict] = None):
+        state = state or {}
+        self.device = device
+        self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state.get("sums", {}).items()}
+        self.n, self.seqs = state.get("n", 0), state.get("seqs", 0)
+
+    def add(self, values: Dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+
+    def reduced_means(self, accelerator) -> Dict[str, float]:
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        values = accelerator.reduce(torch.stack([self.sums[k] for k in keys]).to(self.device), "mean") / max(self.n, 1)
+        return {k: float(v) for k, v in zip(keys, values.tolist())}
+
+    def state(self, accelerator) -> dict:
+        keys = sorted(self.sums)
+        sums = accelerator.reduce(torch.stack([self.sums[k] for k in keys]).to(self.device), "mean").tolist() if keys else []
+        return {"sums": dict(zip(keys, sums)), "n": self.n, "seqs": self.seqs}
+
+
+def load_ema(ema: EMA, ckpt: str, accelerator) -> None:
+    legacy = os.path.join(ckpt, "custom_checkpoint_0.pkl")  # checkpoints written before EMA files
+    if not os.path.exists(os.path.join(ckpt, EMA.FILE.format(rank=0))) and os.path.exists(legacy):
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+        ema.decay, ema.updates = state["decay"], state.get("updates", 10**9)
+        for k, v in state["shadow"].items():
+            ema.shadow[k].copy_(v)
+        return
+    ema.load(ckpt, accelerator)
 
 
 @gin.configurable("train")
@@ -152,127 +173,143 @@ def train(
     num_threads: Optional[int] = None,
     compile: bool = False,
     max_minutes: Optional[float] = None,
+    on_nonfinite: str = "stop",
+    max_skipped_in_a_row: int = 10,
 ) -> Dict[str, float]:
     """Train ``exp.model`` with ``exp.loss`` on ``exp.task`` batches.
 
     ``batch_size`` is per process and micro-step: one optimizer step sees
     batch_size × grad_accum × num_processes sequences. ``max_minutes`` stops early (with a
-    checkpoint) so a long recipe can run in slices and resume. Returns the last logged metrics.
-    """
+    checkpoint) so a long recipe can run in slices and resume. ``on_nonfinite``: 'stop' (raise
+    ``NonFiniteError`` before the bad update) or 'skip' (drop the update, count it in ``skipped``;
+    stop after ``max_skipped_in_a_row``). ``max_grad_norm = None`` still measures the norm (to log and
+    check it) without clipping. Returns the last logged metrics."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     if exp.loss is None:
         raise ValueError("train needs experiment.loss (e.g. experiment.loss = @losses.mdlm())")
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"train.on_nonfinite = {on_nonfinite!r}: use 'stop' or 'skip'")
+    if ema_decay > 0 and not EMA.supported(accelerator):
+        raise ValueError(f"train.ema_decay = {ema_decay} is not supported under {layout(accelerator)} (its parameters are "
+                         "flat shards the EMA cannot follow): set train.ema_decay = 0.0, or use FSDP2 "
+                         "(fsdp_version: 2 in the accelerate config), DDP or ZeRO-1/2")
     if num_threads:
         torch.set_num_threads(num_threads)
     model = exp.model
     module = TrainModule(model, exp.loss)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    accelerator.gradient_accumulation_steps = grad_accum
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay, betas=tuple(betas))
     scheduler = get_scheduler(lr_schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     if compile:
         module = torch.compile(module)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    ema = EMA(model, ema_decay) if ema_decay > 0 else None  # after prepare: on the model's device
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    ema = EMA(model, ema_decay) if ema_decay > 0 else None  # after prepare: beside each (sharded) parameter
 
-    start, elapsed_before = 0, 0.0  # elapsed_s in the logs counts all slices of a resumed run
-    if resume:
-        ckpts = list_checkpoints(output_dir)
-        if ckpts:
-            accelerator.load_state(ckpts[-1])
-            with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
-                state = json.load(f)
-            start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-            accelerator.print(f"resumed from {ckpts[-1]} at step {start}")
-            if accelerator.is_main_process:
-                drop_logged_after(os.path.join(output_dir, "metrics.jsonl"), start)
-        else:
-            accelerator.print(f"--resume: no checkpoint in {output_dir}/checkpoints, starting at step 0")
+    device = accelerator.device
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    start, elapsed_before, window_state = 0, 0.0, None  # elapsed_s in the logs counts all slices
+    ckpts = [] if not resume else list_checkpoints(output_dir)
+    if ckpts:
+        accelerator.load_state(ckpts[-1])
+        if ema is not None:
+            load_ema(ema, ckpts[-1], accelerator)
+        with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
+            state = json.load(f)
+        start, elapsed_before, window_state = state["step"], state.get("elapsed_s", 0.0), state.get("log_window")
+        accelerator.print(f"resumed from {ckpts[-1]} at step {start}")
+    elif resume:
+        accelerator.print(f"--resume: no checkpoint in {output_dir}/checkpoints, starting at step 0")
+    accelerator.step = 0  # Accelerate's micro-step counter: checkpoints sit on optimizer-step boundaries
+    if accelerator.is_main_process:  # rows logged after the checkpoint (or by a run killed before its first one)
+        keep_rows_up_to(metrics_path, start)
+    accelerator.wait_for_everyone()
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    window = LogWindow(device, window_state)
     last: Dict[str, float] = {}
-    sums: Dict[str, torch.Tensor] = {}
-    n_logged, t_start, t_log = 0, time.time(), time.time()
-    seen_since_log = 0
+    t_start = t_log = time.time()
     bar = tqdm(total=steps, initial=start, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
     module.train()
-    step = start
-    stopped_early = False
+    step, skipped_in_row, stopped_early = start, 0, False
+    no_clip = float("inf")
     while step < steps:
+        values: Dict[str, torch.Tensor] = {}
         for micro in range(grad_accum):
             g = step_generator(exp.seed, step, micro * world + rank)
-            batch = {k: v.to(accelerator.device) for k, v in exp.task.train_batch(batch_size, g).items()}
-            # no_sync on all but the last micro-step: gradients are all-reduced once per optimizer step.
-            ctx = accelerator.no_sync(module) if micro < grad_accum - 1 else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                loss, logs = module(batch, g)
-                accelerator.backward(loss / grad_accum)
+            batch = {k: v.to(device) for k, v in exp.task.train_batch(batch_size, g).items()}
+            with accelerator.accumulate(module):  # no_sync until the last micro-step; loss / grad_accum
+                with accelerator.autocast():
+                    loss, logs = module(batch, g)
+                accelerator.backward(loss)
             for k, v in {"loss": loss.detach(), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / grad_accum
-        if max_grad_norm:
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + accelerator.clip_grad_norm_(params, max_grad_norm).float()
-        optimizer.step()
+                values[k] = values.get(k, 0.0) + v.detach().float() / grad_accum
+        if not accelerator.sync_gradients:
+            raise RuntimeError("gradient accumulation fell out of step with Accelerate's micro-step counter")
+        norm = as_scalar(accelerator.clip_grad_norm_(module.parameters(), max_grad_norm or no_clip), device)
+        if norm is not None:
+            values["grad_norm"] = norm
+        # under fp16 an overflowing gradient is the loss scaler's to skip; the loss itself must be finite
+        grad_checked = values.get("grad_norm") if accelerator.mixed_precision != "fp16" else None
+        check = torch.stack([values["loss"], grad_checked if grad_checked is not None else torch.zeros((), device=device)])
+        finite = bool(torch.isfinite(accelerator.reduce(check, "sum")).all())  # every rank decides alike
+        if finite:
+            optimizer.step()
+            skipped_in_row = 0
+        else:
+            skipped_in_row += 1
+            what = f"loss {float(values['loss']):.4g}, gradient norm {float(values.get('grad_norm', float('nan'))):.4g} on rank {rank}"
+            kept = list_checkpoints(output_dir)
+            if on_nonfinite == "stop" or skipped_in_row > max_skipped_in_a_row:
+                raise NonFiniteError(
+                    f"step {step + 1}: not finite ({what}); training stopped before the update. The last checkpoint "
+                    f"({kept[-1] if kept else 'none yet'}) is intact. Lower train.lr or check the data; "
+                    f"train.on_nonfinite = 'skip' skips such steps (at most train.max_skipped_in_a_row = {max_skipped_in_a_row} in a row).")
+            accelerator.print(f"step {step + 1}: not finite ({what}); update skipped")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
+        if ema is not None and finite:
             ema.update(model)
         step += 1
-        n_logged += 1
-        seen_since_log += batch_size * grad_accum * world
+        if finite:
+            window.add(values)
+            window.n += 1
+        else:
+            window.add({"skipped": torch.ones((), device=device)})
+        window.seqs += batch_size * grad_accum * world
         bar.update(1)
 
         if step % log_every == 0 or step == steps:
-            keys = sorted(sums)
-            values = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), "mean") / n_logged
             now = time.time()
-            last = {k: float(v) for k, v in zip(keys, values)}
-            last.update(step=step, lr=scheduler.get_last_lr()[0], seqs_per_s=seen_since_log / (now - t_log),
+            last = window.reduced_means(accelerator)
+            if "skipped" in last:
+                last["skipped"] *= max(window.n, 1)  # a count, not a mean
+            last.update(step=step, lr=scheduler.get_last_lr()[0], seqs_per_s=window.seqs / max(now - t_log, 1e-9),
                         elapsed_s=elapsed_before + now - t_start)
             if accelerator.is_main_process:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                append_row(metrics_path, last)
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "masked_ce") if k in last})
             accelerator.log(last, step=step)
-            sums, n_logged, t_log, seen_since_log = {}, 0, now, 0
+            window, t_log = LogWindow(device), now
         out_of_time = False
         if max_minutes is not None and step % log_every == 0:
-            # Checked at log boundaries only (a resumed run's logged averages then match an
-            # uninterrupted run's); the main process's clock decides, so all ranks stop together.
+            # Checked at log boundaries only; the main process's clock decides, so all ranks stop together.
             late = accelerator.is_main_process and (time.time() - t_start) > 60 * max_minutes
-            out_of_time = bool(accelerator.reduce(torch.tensor([float(late)], device=accelerator.device), "sum").item())
+            out_of_time = bool(accelerator.reduce(torch.tensor([float(late)], device=device), "sum").item())
         if step % save_every == 0 or step == steps or out_of_time:
-            save_checkpoint(accelerator, output_dir, step, model, ema, keep_checkpoints,
-                            {"world_size": world, "elapsed_s": elapsed_before + time.time() - t_start, "metrics": last})
+            save_checkpoint(accelerator, output_dir, step, module, model, ema, keep_checkpoints,
+                            {"world_size": world, "layout": layout(accelerator), "elapsed_s": elapsed_before + time.time() - t_start,
+                             "metrics": last, "log_window": window.state(accelerator)})
         if out_of_time:
             accelerator.print(f"max_minutes={max_minutes} reached at step {step}; resume with --resume")
             stopped_early = True
             break
     bar.close()
-    last["ranks_in_sync"] = float(ranks_in_sync(accelerator, model))
+    in_sync = ranks_in_sync(accelerator, model)
+    last["ranks_in_sync"] = None if in_sync is None else float(in_sync)
     last["stopped_early"] = float(stopped_early)
     if ema is not None:  # evaluate / sample with the averaged weights, as the checkpoint ships them
-        model.load_state_dict(ema.weights(model))
+        ema.copy_to(model)
     return last
-
-
-def drop_logged_after(path: str, step: int) -> None:
-    """Remove metrics rows logged after ``step`` (written after the checkpoint a run resumes from),
-    so that the resumed run's rows are not duplicated."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(rows))
-
-
-def ranks_in_sync(accelerator, model: nn.Module) -> bool:
-    """True when every process holds the same parameters (DDP really synchronised gradients)."""
-    with torch.no_grad():
-        flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-        probe = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype).remainder(97)).sum()])
-        gathered = accelerator.gather(probe[None].to(accelerator.device))
-    return bool(torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=0, atol=0))

@@ -38,11 +38,22 @@ def tiny_gin(tmp_path):
     return str(path)
 
 
-def run_py(args, cwd=REPO, env=None, timeout=600, launcher=None):
-    """Run ``run.py`` in a subprocess; fail with its output if it fails."""
-    full_env = dict(os.environ, PYTHONHASHSEED="0", **(env or {}))
+# Tests pin the device they mean. Runs started by the tests use the CPU unless PRISM_TEST_DEVICE=cuda
+# (benchmarks/gpu_check.sh sets it to run the single-process end-to-end tests on a GPU).
+TEST_DEVICE = os.environ.get("PRISM_TEST_DEVICE", "cpu")
+DEVICE_ENV = {} if TEST_DEVICE == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}
+# Several processes on one machine: always CPU processes over gloo (a one-GPU machine has no cuda:1).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+CPU_PROCESSES_ENV = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def run_py(args, cwd=REPO, env=None, timeout=600, launcher=None, check=True):
+    """Run ``run.py`` in a subprocess on the test device; fail with its output if it fails (unless
+    ``check=False``: then return the finished process)."""
+    full_env = dict(os.environ, PYTHONHASHSEED="0", **DEVICE_ENV)
+    full_env.update(env or {})
     cmd = (launcher or [sys.executable]) + [os.path.join(REPO, "run.py")] + list(args)
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

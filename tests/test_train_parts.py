@@ -2,7 +2,8 @@ import os
 
 import torch
 
-from prism.train import EMA, list_checkpoints, step_generator
+from prism.distributed import EMA
+from prism.train import list_checkpoints, step_generator
 
 
 def test_ema_warmup_and_decay_hand_computed():
@@ -40,7 +41,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 
 def test_tied_weights_are_saved_once_and_restored(tmp_path):
     from prism.backbones.hf import HFBackbone
-    from prism.experiment import load_weights, save_weights
+    from prism.experiment import load_weights, parameter_aliases, save_weights
     from prism.model import MDM
 
     cfg = dict(model_type="llama", vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -52,7 +53,7 @@ def test_tied_weights_are_saved_once_and_restored(tmp_path):
     with torch.no_grad():
         model.backbone.model.lm_head.weight.add_(1.0)
     ema.update(model)
-    weights = ema.weights(model)
+    weights = ema.weights(model.state_dict(), parameter_aliases(model))
     # the tied LM head takes the averaged embedding, not the raw one
     assert torch.equal(weights["backbone.model.lm_head.weight"], weights["backbone.model.model.embed_tokens.weight"])
     path = str(tmp_path / "w.safetensors")

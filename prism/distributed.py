@@ -1,0 +1,165 @@
+"""What the training loop needs to know about how a model is spread over processes.
+
+Four layouts, all through Accelerate: one process or DDP (every rank holds every weight); DeepSpeed
+ZeRO-1/2 (weights whole on every rank, optimizer state sharded); FSDP 1 or 2 and DeepSpeed ZeRO-3
+(weights sharded). Everything here works on each rank's *local* tensors and exchanges a handful of
+scalars, so nothing scales with the model on the wire or in memory (no float32 copy of 8B weights).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+
+def layout(accelerator) -> str:
+    """'single' | 'ddp' | 'fsdp1' | 'fsdp2' | 'zero1' | 'zero2' | 'zero3'."""
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    if kind == "FSDP":
+        return "fsdp2" if getattr(accelerator, "is_fsdp2", False) else "fsdp1"
+    if kind == "DEEPSPEED":
+        stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+        return f"zero{int(stage)}"
+    return "single" if accelerator.num_processes == 1 else "ddp"
+
+
+def weights_sharded(accelerator) -> bool:
+    return layout(accelerator) in ("fsdp1", "fsdp2", "zero3")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's local shard (FSDP2), ZeRO-3's partition, or the
+    tensor itself."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    if hasattr(t, "ds_tensor"):  # DeepSpeed ZeRO-3 keeps the partition beside an empty placeholder
+        return t.ds_tensor
+    return t
+
+
+@torch.no_grad()
+def parameter_probe(params: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Two float32 sums per parameter (all elements; every third element), each reduced on the
+    parameter's own device without an upcast copy. Equal weights give equal probes; a rank whose
+    gradients were not all-reduced differs in practically every sum; any NaN or inf poisons its sum."""
+    sums = []
+    for p in params:
+        flat = local(p.detach()).reshape(-1)
+        if flat.numel() == 0:
+            continue
+        sums.append(torch.stack([torch.sum(flat, dtype=torch.float32), torch.sum(flat[::3], dtype=torch.float32)]))
+    if not sums:
+        return torch.zeros(0, device=device)
+    return torch.cat([s.to(device) for s in sums])
+
+
+def ranks_in_sync(accelerator, model: nn.Module) -> Optional[bool]:
+    """True when every process holds the same weights (DDP really synchronised gradients); None where
+    the weights are sharded and ranks hold different parts by design."""
+    if weights_sharded(accelerator):
+        return None
+    probe = parameter_probe(model.parameters(), accelerator.device)
+    gathered = accelerator.gather(probe[None])
+    return bool(torch.equal(gathered, gathered[:1].expand_as(gathered)))
+
+
+def all_finite(accelerator, model: nn.Module) -> bool:
+    """Whether every weight on every rank is finite (sharded weights included): one scalar all-reduced."""
+    bad = (~torch.isfinite(parameter_probe(model.parameters(), accelerator.device))).sum().float()
+    return float(accelerator.reduce(bad.reshape(1), "sum").item()) == 0.0
+
+
+def as_scalar(value, device: torch.device) -> Optional[torch.Tensor]:
+    """A gradient norm as Accelerate returns it under each layout (a tensor, a DTensor, a Python
+    float, or None under DeepSpeed before its first step) as a 0-d float32 tensor, or None."""
+    if value is None:
+        return None
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(()).to(device)
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+class EMA:
+    """Exponential moving average of the trained parameters, θ_ema ← d_n·θ_ema + (1 − d_n)·θ, with
+    the usual warm-up d_n = min(decay, (1 + n) / (10 + n)) after n updates, so that early checkpoints
+    are not dominated by the random initialisation (with d = 0.999 a plain EMA still holds 78% of it
+    after 250 steps).
+
+    The shadow is float32 and lives beside each parameter: whole under DDP, one shard per rank under
+    FSDP2 (DTensors, so the average is sharded like the model). FSDP1 and ZeRO-3 hide the parameters
+    behind flat buffers; ``supported`` says so and the loop refuses them with a clear message."""
+
+    FILE = "ema_rank{rank:05d}.pt"
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def supported(accelerator) -> bool:
+        return layout(accelerator) not in ("fsdp1", "zero3")
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Put the averages into the model's parameters in place (shard by shard when sharded)."""
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                p.detach().copy_(self.shadow[k].to(p.dtype))
+
+    def weights(self, state: Dict[str, torch.Tensor], aliases: Optional[Dict[str, str]] = None,
+                shadow: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """A full state dict with the averages in place of the trained parameters; a tied name takes
+        the average of the tensor it shares (``aliases``: name → canonical name). ``shadow``: the
+        gathered averages (``full_shadow()``, collective under FSDP2); default: this rank's."""
+        shadow = self.shadow if shadow is None else shadow
+        aliases = aliases or {}
+        out = {}
+        for k, v in state.items():
+            src = aliases.get(k, k)
+            out[k] = shadow[src].to(device=v.device, dtype=v.dtype) if src in shadow else v
+        return out
+
+    def full_shadow(self) -> Dict[str, torch.Tensor]:
+        """The whole averages, on the CPU. Collective under FSDP2 (call it on every rank)."""
+        out = {}
+        for k, v in self.shadow.items():
+            out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+        return out
+
+    def save(self, directory: str, accelerator) -> None:
+        """Each rank writes its own shards (only the main process when the averages are whole)."""
+        if weights_sharded(accelerator) or accelerator.is_main_process:
+            rank = accelerator.process_index if weights_sharded(accelerator) else 0
+            state = {"decay": self.decay, "updates": self.updates, "world_size": accelerator.num_processes,
+                     "shadow": {k: local(v).cpu() for k, v in self.shadow.items()}}
+            torch.save(state, os.path.join(directory, self.FILE.format(rank=rank)))
+
+    def load(self, directory: str, accelerator) -> None:
+        sharded = weights_sharded(accelerator)
+        path = os.path.join(directory, self.FILE.format(rank=accelerator.process_index if sharded else 0))
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was written without an EMA or by another number of "
+                "processes. Resume with the same train.ema_decay and process count, or start a new run.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if sharded and state["world_size"] != accelerator.num_processes:
+            raise ValueError(f"the EMA in {directory} is sharded over {state['world_size']} processes; "
+                             f"resume it with {state['world_size']}, not {accelerator.num_processes}")
+        self.decay, self.updates = state["decay"], state["updates"]
+        for k, v in state["shadow"].items():
+            local(self.shadow[k]).copy_(v)
