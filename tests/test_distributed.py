@@ -108,3 +108,19 @@ def test_parameter_probe_sees_a_changed_element_and_nan_without_copying_to_float
     assert not torch.equal(parameter_probe([q], torch.device("cpu")), base)
     q[0, 1] = float("nan")
     assert not torch.isfinite(parameter_probe([q], torch.device("cpu"))).all()
+
+
+@pytest.mark.parametrize("name,kind", [("fsdp2", "FSDP"), ("zero3", "DEEPSPEED"), ("zero2", "DEEPSPEED"), ("ddp", "MULTI_GPU")])
+def test_shipped_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    import prism.backbones.dit as dit
+    from conftest import REPO
+
+    cfg = load_config_from_file(os.path.join(REPO, "accelerate_configs", f"{name}.yaml"))
+    assert str(cfg.distributed_type).endswith(kind) and cfg.mixed_precision == "bf16"
+    if name == "fsdp2":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+        assert hasattr(dit, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])  # the class to wrap exists
+    if name.startswith("zero"):
+        assert cfg.deepspeed_config["zero_stage"] == int(name[-1])
