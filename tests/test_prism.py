@@ -80,9 +80,17 @@ def test_fill_positions():
     assert left[0].nonzero().flatten().tolist() == [0, 3]  # window = masked positions 0, 1, 3
     with pytest.raises(ValueError, match="window"):
         choose_fill_positions("leftmost_confident", 2, masked, lp, g)
-    # uniform: each of 5 masked positions is chosen with probability 3/5
-    counts = sum(choose_fill_positions("random", 3, masked[:1].expand(4000, -1), None, g).float().sum(0) for _ in range(1))
-    assert torch.allclose(counts[masked[0]] / 4000, torch.full((5,), 0.6), atol=0.03)
+    # uniform: for every k = 1..5, each of the 5 masked positions is chosen with probability k/5 and
+    # the unmasked one never (2 calls × 2000 rows per k; the atol is ~3.8 binomial s.d. at k/5 = 1/2)
+    rows = masked[:1].expand(2000, -1)
+    for k in range(1, 6):
+        draws = torch.stack([choose_fill_positions("random", k, rows, None, g) for _ in range(2)])
+        assert (draws.sum(2) == k).all() and not (draws & ~rows).any(), k
+        if k < 5:  # the generator advances: a second call draws other positions
+            assert not torch.equal(draws[0], draws[1]), k
+        freq = draws.float().mean((0, 1))
+        assert torch.allclose(freq[masked[0]], torch.full((5,), k / 5), atol=0.03), (k, freq)
+        assert (freq[~masked[0]] == 0).all(), k
 
 
 class AllMasked(NoiseSchedule):

@@ -191,7 +191,14 @@ def test_token_critic_sampler_keeps_the_best_and_counts_both_passes():
 
 def test_semi_ar_blocks_in_order_and_counts():
     assert [int(x) for x in split_evenly(torch.tensor(10), 4)] == [3, 3, 2, 2]
-    assert spread_centered(5, 6) == [0, 1, 2, 1, 1, 0] or spread_centered(5, 6) == [0, 1, 1, 2, 1, 0]
+    # K = 5 over S = 6 steps: the 4 inner steps get 1 each; the remainder 1 has two middle steps to
+    # go to (inner indices 1 and 2) and the code puts it at mid = (inner − rem) // 2 = (4 − 1) // 2 = 1,
+    # the LEFT one (floor), so [0, 1, 2, 1, 1, 0] is the answer and [0, 1, 1, 2, 1, 0] is not
+    assert spread_centered(5, 6) == [0, 1, 2, 1, 1, 0]
+    assert spread_centered(2, 7) == [0, 0, 1, 1, 0, 0, 0]  # rem 2 on 5 inner steps: left of centre too
+    # cases with one centred answer (remainder and inner count of equal parity), and the edges
+    assert spread_centered(6, 6) == [0, 1, 2, 2, 1, 0] and spread_centered(4, 5) == [0, 1, 2, 1, 0]
+    assert spread_centered(8, 6) == [0, 2, 2, 2, 2, 0] and spread_centered(3, 2) == [0, 0] and spread_centered(0, 4) == [0] * 4
     assert sum(spread_centered(7, 5)) == 7 and spread_centered(7, 5)[0] == spread_centered(7, 5)[-1] == 0
     L, prompt = 40, 8
     fixed = torch.zeros(3, L, dtype=torch.bool)

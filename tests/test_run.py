@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -7,12 +8,49 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_py
+from conftest import CPU_PROCESSES_ENV, REPO, TORCHRUN, run_py
+from prism.paths import DATA_ROOT
 
 
 def read_metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return {r["step"]: r for r in map(json.loads, f)}
+
+
+def read_csv_rows(path, n=None):
+    with open(path) as f:
+        rows = [[int(v) for v in line.split(",")] for line in f if line.strip()]
+    return rows[:n]
+
+
+def sudoku_scores(tokens, puzzle):
+    """The Sudoku metrics of one 89-token sample, recomputed here from their definition and
+    independently of tasks/sudoku.py: cell (r, c) is token 10·r + c, token 10·r + 9 (r < 8) is the
+    end-of-line 10; a unit (row, column, 3×3 box) is valid when it holds 1-9 exactly once; success =
+    all 27 units valid, EOLs in place and every non-blank puzzle token (givens, EOLs) kept."""
+    cell = lambda r, c: tokens[10 * r + c]  # noqa: E731
+    units = [[cell(r, c) for c in range(9)] for r in range(9)]
+    units += [[cell(r, c) for r in range(9)] for c in range(9)]
+    units += [[cell(3 * br + i, 3 * bc + j) for i in range(3) for j in range(3)] for br in range(3) for bc in range(3)]
+    valid = [sorted(u) == list(range(1, 10)) for u in units]
+    eols = all(tokens[10 * r + 9] == 10 for r in range(8))
+    kept = all(t == p for t, p in zip(tokens, puzzle) if p != 0)
+    return {"success": float(all(valid) and eols and kept), "units_valid": sum(valid) / 27, "givens_kept": float(kept)}
+
+
+def check_eval_outputs(out, puzzles):
+    """Every sample's metrics in samples.jsonl equal the recomputed ones, and metrics.json's means
+    equal the means over the samples; returns the per-sample scores."""
+    samples = [json.loads(l) for l in open(os.path.join(out, "samples.jsonl"))]
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert [s["index"] for s in samples] == list(range(len(puzzles))) and m["n"] == len(puzzles)
+    scores = [sudoku_scores(s["tokens"], p) for s, p in zip(samples, puzzles)]
+    for i, (s, want) in enumerate(zip(samples, scores)):
+        for k, v in want.items():
+            assert s[k] == pytest.approx(v, abs=1e-6), (i, k, s[k], v)  # float32 in the file
+    for k in ("success", "units_valid", "givens_kept"):
+        assert m[k] == pytest.approx(sum(w[k] for w in scores) / len(scores), abs=1e-6), k
+    return scores
 
 
 def test_train_sample_eval_end_to_end(tiny_gin, tmp_path):
@@ -38,11 +76,31 @@ def test_train_sample_eval_end_to_end(tiny_gin, tmp_path):
     assert "loaded weights from" in proc.stdout + proc.stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["n"] == 12 and m["givens_kept"] == 1.0
-    assert 0.0 <= m["success"] <= m["units_valid"] <= 1.0
+    puzzles = read_csv_rows(os.path.join(DATA_ROOT, "sudoku", "hard_sudokus_dev.csv"), 12)
+    check_eval_outputs(out, puzzles)
     assert 1 <= m["nfe"] <= 7  # at most STEPS = 6 forward passes + the final noise removal
     # sample and eval draw the same sequences from the same weights and seed
     again = [json.loads(l)["tokens"] for l in open(os.path.join(out, "samples.jsonl"))]
     assert again == [s["tokens"] for s in samples]
+
+    # The hard puzzles score (almost) 0 for an 8-step model, which would not tell a correct success
+    # metric from one that is always 0: evaluate a file whose answers are known without the model.
+    # Rows 0-2: solved grids, given whole (success 1); rows 3-5: the same with cells (0, 0) and (0, 4)
+    # swapped, given whole (row 0 stays valid; columns 0, 4 and boxes 0, 1 do not: 23/27, success 0);
+    # rows 6-8: solved grids with 3 blanks; rows 9-11: hard puzzles.
+    solved = read_csv_rows(os.path.join(DATA_ROOT, "sudoku", "easy_sudokus_answer_valid.csv"), 6)
+    swapped = [g[:] for g in solved[:3]]
+    for g in swapped:
+        g[0], g[4] = g[4], g[0]
+    blanked = [[0 if p in (12, 45, 78) else v for p, v in enumerate(g)] for g in solved[3:6]]
+    mixed = solved[:3] + swapped + blanked + puzzles[:3]
+    mixed_csv = tmp_path / "mixed.csv"
+    mixed_csv.write_text("".join(",".join(map(str, r)) + "\n" for r in mixed))
+    run_py(["eval", tiny_gin, "--output-dir", out, "--bind", f"tasks.sudoku.eval_file = '{mixed_csv}'"])
+    scores = check_eval_outputs(out, mixed)
+    assert [w["success"] for w in scores[:6]] == [1.0] * 3 + [0.0] * 3
+    assert [w["units_valid"] for w in scores[:6]] == pytest.approx([1.0] * 3 + [23 / 27] * 3)
+    assert sum(w["success"] for w in scores) >= 3 and all(w["givens_kept"] == 1.0 for w in scores)
 
 
 SCHEDULE = ["--bind", "train.lr_schedule = 'cosine'", "--bind", "train.warmup_steps = 3", "--bind", "train.ema_decay = 0.9"]
@@ -78,8 +136,7 @@ def test_two_processes_synchronise_gradients(tiny_gin, tmp_path):
     all-reduce of the gradients makes the 2-process run agree."""
     ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
     binds = ["--bind", "train.batch_size = 4", "--bind", "train.steps = 4", "--bind", "train.log_every = 1", *SCHEDULE]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run_py(["train", tiny_gin, "--output-dir", ddp, *binds], env={"ACCELERATE_USE_CPU": "true"}, launcher=torchrun)
+    run_py(["train", tiny_gin, "--output-dir", ddp, *binds], env=CPU_PROCESSES_ENV, launcher=TORCHRUN)
     run_py(["train", tiny_gin, "--output-dir", single, *binds, "--bind", "train.grad_accum = 2"])
     result = json.load(open(os.path.join(ddp, "train_result.json")))["train"]
     assert result["ranks_in_sync"] == 1.0
@@ -96,11 +153,66 @@ def test_two_processes_synchronise_gradients(tiny_gin, tmp_path):
 
 
 def test_bf16_mixed_precision_on_cpu(tiny_gin, tmp_path):
-    out = str(tmp_path / "bf16")
+    """A bf16 run computes in bf16: its losses are finite, close to those of the same run in fp32
+    (same seed, same batches) and not equal to them; equal losses would mean train.py's forward never
+    ran under the bf16 autocast."""
+    out, ref = str(tmp_path / "bf16"), str(tmp_path / "fp32")
     run_py(["train", tiny_gin, "--output-dir", out, "--bind", "run.mixed_precision = 'bf16'", "--bind", "train.steps = 2"])
+    run_py(["train", tiny_gin, "--output-dir", ref, "--bind", "train.steps = 2"])
     info = json.load(open(os.path.join(out, "train_run_info.json")))
     assert info["mixed_precision"] == "bf16"
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out).values())
+    assert json.load(open(os.path.join(ref, "train_run_info.json")))["mixed_precision"] == "no"
+    bf16, fp32 = read_metrics(out), read_metrics(ref)
+    assert sorted(bf16) == sorted(fp32) == [2]
+    for step in bf16:
+        a, b = bf16[step]["loss"], fp32[step]["loss"]
+        assert math.isfinite(a) and math.isfinite(b)
+        assert a != b and a == pytest.approx(b, rel=0.05), (a, b)
+
+
+def test_bf16_autocast_runs_the_matmuls_in_bf16(tmp_path):
+    """run.make_accelerator with mixed_precision 'bf16' on CPU: under accelerator.autocast() (where
+    train.py runs the loss forward) every nn.Linear of the model outputs bfloat16, outside it
+    float32, and the MDLM loss is finite and differs from the fp32 one by bf16 rounding only."""
+    from accelerate.state import AcceleratorState
+
+    import run
+    from prism.backbones.dit import DiT
+    from prism.heads.quality import LinearHead
+    from prism.losses.mdm import MDLMLoss
+    from prism.model import MDM
+
+    torch.manual_seed(0)
+    model = MDM(DiT(11, 0, preset="test"), LinearHead)
+    with torch.no_grad():  # the zero-initialised adaLN gates and output layers would make any precision give log 10
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    dtypes = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, args, output: dtypes.append(output.dtype))
+    x = torch.randint(1, 11, (4, 20), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": x, "fixed": torch.zeros_like(x, dtype=torch.bool)}
+    losses = {}
+    AcceleratorState._reset_state(True)  # the Accelerate state is per process: start from none
+    try:
+        for precision in ("bf16", "no"):
+            accelerator = run.make_accelerator({"mixed_precision": precision, "log_with": None}, str(tmp_path))
+            assert accelerator.device.type == "cpu"
+            dtypes.clear()
+            with accelerator.autocast():
+                losses[precision] = MDLMLoss()(model, batch, torch.Generator().manual_seed(2)).loss
+            assert len(dtypes) >= 10  # attention, MLP, adaLN and head layers all ran
+            assert set(dtypes) == {torch.bfloat16 if precision == "bf16" else torch.float32}, precision
+            dtypes.clear()
+            model(x)  # outside the autocast: float32 in either case
+            assert set(dtypes) == {torch.float32}, precision
+            AcceleratorState._reset_state(True)
+    finally:
+        AcceleratorState._reset_state(True)
+    bf16, fp32 = losses["bf16"].item(), losses["no"].item()
+    assert math.isfinite(bf16) and math.isfinite(fp32)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05), (bf16, fp32)
 
 
 def test_hf_backbone_composes_from_gin(tiny_gin, tmp_path):
@@ -225,8 +337,7 @@ def test_every_sampler_gin_runs_from_run_py_sample(tiny_gin, tmp_path, sampler_g
 def test_prism_and_token_critic_train_on_two_processes(tiny_gin, tmp_path):
     """Both fine-tuning losses under DDP: PRISM's two passes in one wrapped forward, and the
     Token-Critic (whose backbone's vocabulary layer gets no gradient: run.find_unused_parameters)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {"ACCELERATE_USE_CPU": "true"}
+    torchrun, env = TORCHRUN, CPU_PROCESSES_ENV
     common = ["--bind", "train.steps = 2", "--bind", "train.log_every = 1"]
     prism = str(tmp_path / "prism")
     run_py(["train", tiny_gin, "--output-dir", prism, "--bind", "models.mdm.head = @heads.linear",

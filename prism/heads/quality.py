@@ -18,7 +18,7 @@ anything until it has been trained.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -75,14 +75,47 @@ class LinearHead(QualityHead):
         return self.out(hidden_states, cond)
 
 
+def attention_head_choices(hidden_size: int) -> List[int]:
+    """The head counts an attention head of width ``hidden_size`` can have: divisors of the width
+    whose head dimension is even (the rotary embedding rotates pairs of channels)."""
+    return [n for n in range(1, hidden_size + 1) if hidden_size % n == 0 and (hidden_size // n) % 2 == 0]
+
+
+def default_attention_heads(hidden_size: int, max_heads: int = 12, min_head_dim: int = 32) -> int:
+    """The largest valid head count ≤ ``max_heads`` whose head dimension is ≥ ``min_head_dim``; if
+    none has (a width under 64), 1 head. On the DiT presets this is the backbone's own count
+    (768 → 12, 512 → 8, 128 → 4), except ``test`` (32 wide, 2 heads) → 1 head of 32."""
+    choices = attention_head_choices(hidden_size)
+    if not choices:
+        raise ValueError(f"heads.attention needs an even width (rotary embedding), got hidden_size {hidden_size}")
+    wide = [n for n in choices if n <= max_heads and hidden_size // n >= min_head_dim]
+    return max(wide) if wide else choices[0]
+
+
 @HEADS.register("attention")
 class AttentionHead(QualityHead):
     """One adaLN transformer block (the DiT's, with its own rotary embedding) on the final hidden
     state, then the linear head: PRISM's OWT head (about 7.9M parameters on the 768-wide DiT).
-    Without a backbone conditioning vector the block's modulation is a learned constant."""
+    Without a backbone conditioning vector the block's modulation is a learned constant.
 
-    def __init__(self, hidden_size: int, cond_dim: Optional[int] = None, n_heads: int = 12, mlp_ratio: int = 4):
+    ``n_heads``: None (default) → ``default_attention_heads(hidden_size)``, derived from the width
+    the model passes in (``models.mdm`` gives a head builder only the backbone's ``hidden_size`` and
+    ``cond_dim``): at most 12 heads of at least 32 channels, e.g. 4 on the 128-wide ``cpu`` DiT. A
+    given value must divide the width into an even head dimension, else a ValueError lists the valid
+    choices."""
+
+    def __init__(self, hidden_size: int, cond_dim: Optional[int] = None, n_heads: Optional[int] = None,
+                 mlp_ratio: int = 4):
         super().__init__()
+        if n_heads is None:
+            n_heads = default_attention_heads(hidden_size)
+        elif n_heads not in attention_head_choices(hidden_size):
+            raise ValueError(
+                f"heads.attention.n_heads = {n_heads} does not split the backbone width {hidden_size} into "
+                f"equal even-sized heads; valid choices: {attention_head_choices(hidden_size)} "
+                "(or leave n_heads unset to derive it from the width)"
+            )
+        self.n_heads = n_heads
         self.cond_dim = cond_dim or 1
         self.rotary = Rotary(hidden_size // n_heads)
         self.block = DiTBlock(hidden_size, n_heads, self.cond_dim, mlp_ratio)
