@@ -25,6 +25,17 @@ def layout(accelerator) -> str:
     return "single" if accelerator.num_processes == 1 else "ddp"
 
 
+WRAPPER_NAMES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without the segments that torch.compile, activation checkpointing and FSDP1
+    insert (state dicts and ``named_parameters`` disagree about them)."""
+    for w in WRAPPER_NAMES:
+        name = name.replace(w, "")
+    return name
+
+
 def weights_sharded(accelerator) -> bool:
     return layout(accelerator) in ("fsdp1", "fsdp2", "zero3")
 
@@ -46,7 +57,7 @@ def parameter_probe(params: Iterable[torch.Tensor], device: torch.device) -> tor
     gradients were not all-reduced differs in practically every sum; any NaN or inf poisons its sum."""
     sums = []
     for p in params:
-        flat = local(p.detach()).reshape(-1)
+        flat = local(p).detach().reshape(-1)  # local() first: detach() drops ZeRO-3's ds_tensor
         if flat.numel() == 0:
             continue
         sums.append(torch.stack([torch.sum(flat, dtype=torch.float32), torch.sum(flat[::3], dtype=torch.float32)]))
@@ -97,7 +108,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
-        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {canonical_name(k): p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
 
     @staticmethod
     def supported(accelerator) -> bool:
@@ -110,6 +121,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         for k, p in model.named_parameters():
+            k = canonical_name(k)
             if k in self.shadow:
                 self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
         self.updates += 1
@@ -118,6 +130,7 @@ class EMA:
     def copy_to(self, model: nn.Module) -> None:
         """Put the averages into the model's parameters in place (shard by shard when sharded)."""
         for k, p in model.named_parameters():
+            k = canonical_name(k)
             if k in self.shadow:
                 p.detach().copy_(self.shadow[k].to(p.dtype))
 
@@ -128,24 +141,34 @@ class EMA:
         gathered averages (``full_shadow()``, collective under FSDP2); default: this rank's."""
         shadow = self.shadow if shadow is None else shadow
         aliases = aliases or {}
-        out = {}
+        out, used = {}, set()
         for k, v in state.items():
-            src = aliases.get(k, k)
-            out[k] = shadow[src].to(device=v.device, dtype=v.dtype) if src in shadow else v
+            src = canonical_name(aliases.get(k, k))
+            if src in shadow:
+                out[k] = shadow[src].to(device=v.device, dtype=v.dtype)
+                used.add(src)
+            else:
+                out[k] = v
+        if set(shadow) - used:  # an average that finds no weight would silently ship the raw weights
+            raise KeyError(f"EMA averages without a weight in the state dict: {sorted(set(shadow) - used)[:5]}")
         return out
 
-    def full_shadow(self) -> Dict[str, torch.Tensor]:
-        """The whole averages, on the CPU. Collective under FSDP2 (call it on every rank)."""
+    def full_shadow(self, accelerator) -> Optional[Dict[str, torch.Tensor]]:
+        """The whole averages, on the main process's CPU (None elsewhere). Collective under FSDP2
+        (call it on every rank): one parameter is whole at a time, and only the main process keeps it."""
         out = {}
         for k, v in self.shadow.items():
-            out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
-        return out
+            whole = v.full_tensor() if hasattr(v, "full_tensor") else v
+            if accelerator.is_main_process:
+                out[k] = whole.cpu()
+            del whole
+        return out if accelerator.is_main_process else None
 
     def save(self, directory: str, accelerator) -> None:
         """Each rank writes its own shards (only the main process when the averages are whole)."""
         if weights_sharded(accelerator) or accelerator.is_main_process:
             rank = accelerator.process_index if weights_sharded(accelerator) else 0
-            state = {"decay": self.decay, "updates": self.updates, "world_size": accelerator.num_processes,
+            state = {"decay": self.decay, "updates": self.updates, "world_size": accelerator.num_processes, "sharded": weights_sharded(accelerator),
                      "shadow": {k: local(v).cpu() for k, v in self.shadow.items()}}
             torch.save(state, os.path.join(directory, self.FILE.format(rank=rank)))
 
@@ -157,6 +180,9 @@ class EMA:
                 f"{path} is missing: the checkpoint was written without an EMA or by another number of "
                 "processes. Resume with the same train.ema_decay and process count, or start a new run.")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("sharded", False) != sharded:
+            raise ValueError(f"the EMA in {directory} was saved {'sharded' if state.get('sharded') else 'whole'}, but this run's "
+                             f"weights are {'sharded' if sharded else 'whole'} ({layout(accelerator)}): resume under the layout it was written with")
         if sharded and state["world_size"] != accelerator.num_processes:
             raise ValueError(f"the EMA in {directory} is sharded over {state['world_size']} processes; "
                              f"resume it with {state['world_size']}, not {accelerator.num_processes}")

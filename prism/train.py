@@ -19,12 +19,13 @@ from typing import Dict, Optional
 
 import gin
 import numpy as np
+from accelerate.utils import broadcast_object_list
 import torch
 from torch import nn
 
-from prism.distributed import EMA, all_finite, as_scalar, layout, ranks_in_sync
+from prism.distributed import EMA, all_finite, as_scalar, canonical_name, layout, ranks_in_sync, weights_sharded
 from prism.experiment import Experiment, parameter_aliases, save_weights
-from prism.runlog import append_row, keep_rows_up_to
+from prism.runlog import append_row, keep_rows_up_to, read_rows
 
 CKPT_PREFIX = "step_"
 
@@ -88,15 +89,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, module: nn.Module, 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
-    state = accelerator.get_state_dict(module)  # the whole model on the main process
-    shadow = ema.full_shadow() if ema is not None else None
+    # the whole model on the main process: collective where weights are sharded, else the main process's own
+    state = accelerator.get_state_dict(module) if weights_sharded(accelerator) or accelerator.is_main_process else None
+    shadow = ema.full_shadow(accelerator) if ema is not None else None  # collective under FSDP2
     if ema is not None:
         ema.save(tmp, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weights = {}
         for k, v in state.items():
-            k = k.replace("_orig_mod.", "")  # torch.compile's wrapper
+            k = canonical_name(k)  # without torch.compile's or activation checkpointing's wrapper names
             if k.startswith("model."):
                 weights[k[len("model."):]] = v
         if ema is not None:
@@ -112,6 +114,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, module: nn.Module, 
     return final
 
 
+def stop_if_not_finite(accelerator, loss: torch.Tensor, step: int, output_dir: str) -> None:
+    """Under DeepSpeed (whose engine steps inside backward): stop on every rank before the backward
+    of a non-finite loss."""
+    bad = (~torch.isfinite(loss.float())).float().reshape(1)
+    if float(accelerator.reduce(bad, "sum").item()) > 0:
+        kept = list_checkpoints(output_dir)
+        raise NonFiniteError(f"step {step + 1}: the loss is not finite ({float(loss):.4g} on rank {accelerator.process_index}); "
+                             f"training stopped before the update. The last checkpoint ({kept[-1] if kept else 'none yet'}) is intact.")
+
+
 class LogWindow:
     """Sums of the logged values since the last log row. Saved in every checkpoint (reduced over
     ranks), so a run resumed from a checkpoint in the middle of a window logs what the
@@ -121,11 +133,11 @@ class LogWindow:
         state = state or {}
         self.device = device
         self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state.get("sums", {}).items()}
-        self.n, self.seqs = state.get("n", 0), state.get("seqs", 0)
+        self.n, self.seqs = state.get("n", 0), 0  # sequences/s is measured from the resume on
 
     def add(self, values: Dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float().to(self.device)
 
     def reduced_means(self, accelerator) -> Dict[str, float]:
         keys = sorted(self.sums)
@@ -137,7 +149,7 @@ class LogWindow:
     def state(self, accelerator) -> dict:
         keys = sorted(self.sums)
         sums = accelerator.reduce(torch.stack([self.sums[k] for k in keys]).to(self.device), "mean").tolist() if keys else []
-        return {"sums": dict(zip(keys, sums)), "n": self.n, "seqs": self.seqs}
+        return {"sums": dict(zip(keys, sums)), "n": self.n}
 
 
 def load_ema(ema: EMA, ckpt: str, accelerator) -> None:
@@ -191,6 +203,10 @@ def train(
         raise ValueError("train needs experiment.loss (e.g. experiment.loss = @losses.mdlm())")
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"train.on_nonfinite = {on_nonfinite!r}: use 'stop' or 'skip'")
+    kind = layout(accelerator)
+    if on_nonfinite == "skip" and (kind.startswith("zero") or accelerator.mixed_precision == "fp16"):
+        raise ValueError(f"train.on_nonfinite = 'skip' is not available under {'DeepSpeed' if kind.startswith('zero') else 'fp16'} "
+                         "(DeepSpeed steps inside backward; fp16's loss scaler skips overflowing steps itself): use 'stop'")
     if ema_decay > 0 and not EMA.supported(accelerator):
         raise ValueError(f"train.ema_decay = {ema_decay} is not supported under {layout(accelerator)} (its parameters are "
                          "flat shards the EMA cannot follow): set train.ema_decay = 0.0, or use FSDP2 "
@@ -205,13 +221,20 @@ def train(
     scheduler = get_scheduler(lr_schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     if compile:
         module = torch.compile(module)
+    if kind.startswith("fsdp"):  # FSDP2 would otherwise hold unsharded gradients between micro-steps
+        accelerator.gradient_state.plugin_kwargs.update(sync_each_batch=True)
+    if kind.startswith("zero"):  # gin is the one source of these: what DeepSpeed's engine is built with
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=grad_accum,
+            gradient_clipping=max_grad_norm or 0.0)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     ema = EMA(model, ema_decay) if ema_decay > 0 else None  # after prepare: beside each (sharded) parameter
 
     device = accelerator.device
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     start, elapsed_before, window_state = 0, 0.0, None  # elapsed_s in the logs counts all slices
-    ckpts = [] if not resume else list_checkpoints(output_dir)
+    # the main process picks the checkpoint (a lagging file system must not give ranks different steps)
+    ckpts = broadcast_object_list([list_checkpoints(output_dir)[-1:] if resume else []])[0]
     if ckpts:
         accelerator.load_state(ckpts[-1])
         if ema is not None:
@@ -223,6 +246,8 @@ def train(
     elif resume:
         accelerator.print(f"--resume: no checkpoint in {output_dir}/checkpoints, starting at step 0")
     accelerator.step = 0  # Accelerate's micro-step counter: checkpoints sit on optimizer-step boundaries
+    read_rows(metrics_path)  # on every rank: a broken file fails them all, not the main process alone
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # rows logged after the checkpoint (or by a run killed before its first one)
         keep_rows_up_to(metrics_path, start)
     accelerator.wait_for_everyone()
@@ -243,9 +268,11 @@ def train(
             with accelerator.accumulate(module):  # no_sync until the last micro-step; loss / grad_accum
                 with accelerator.autocast():
                     loss, logs = module(batch, g)
+                if kind.startswith("zero"):  # DeepSpeed steps its engine inside backward: check first
+                    stop_if_not_finite(accelerator, loss.detach(), step, output_dir)
                 accelerator.backward(loss)
             for k, v in {"loss": loss.detach(), **logs}.items():
-                values[k] = values.get(k, 0.0) + v.detach().float() / grad_accum
+                values[k] = values.get(k, 0.0) + v.detach().float().to(device) / grad_accum
         if not accelerator.sync_gradients:
             raise RuntimeError("gradient accumulation fell out of step with Accelerate's micro-step counter")
         norm = as_scalar(accelerator.clip_grad_norm_(module.parameters(), max_grad_norm or no_clip), device)

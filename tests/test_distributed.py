@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CPU_PROCESSES_ENV, TORCHRUN, run_py
-from prism.distributed import EMA, as_scalar, layout, parameter_probe, weights_sharded
+from prism.distributed import EMA, as_scalar, canonical_name, layout, parameter_probe, weights_sharded
 
 EMA_BINDS = ["--bind", "train.batch_size = 4", "--bind", "train.steps = 4", "--bind", "train.log_every = 1",
              "--bind", "train.save_every = 2", "--bind", "train.ema_decay = 0.9", "--bind", "train.lr_schedule = 'cosine'",
@@ -124,3 +124,21 @@ def test_shipped_accelerate_configs_parse(name, kind):
         assert hasattr(dit, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])  # the class to wrap exists
     if name.startswith("zero"):
         assert cfg.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_the_probe_reads_zero3_partitions_behind_their_empty_placeholders():
+    """ZeRO-3 leaves an empty tensor in the parameter and keeps this rank's part in ``ds_tensor``."""
+    p = torch.nn.Parameter(torch.empty(0))
+    p.ds_tensor = torch.tensor([1.0, float("nan")])
+    probe = parameter_probe([p], torch.device("cpu"))
+    assert probe.numel() == 2 and not torch.isfinite(probe).all()
+
+
+def test_ema_names_ignore_wrapper_segments_and_an_unused_average_is_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    ema = EMA(model, decay=0.5)
+    wrapped = {"0._checkpoint_wrapped_module.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2)}
+    out = ema.weights({canonical_name(k): v for k, v in wrapped.items()})
+    assert torch.equal(out["0.weight"], model[0].weight.detach())
+    with pytest.raises(KeyError, match="without a weight"):
+        ema.weights({"0.bias": torch.zeros(2)})
