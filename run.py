@@ -31,6 +31,7 @@ if REPO_ROOT not in sys.path:
 import gin  # noqa: E402
 
 from prism.paths import write_text_atomic  # noqa: E402
+from prism.distributed import make_accelerator  # noqa: E402,F401  (run.make_accelerator for callers)
 from registry import closest_names, import_user_dir, load_builtin_components  # noqa: E402
 
 VERSIONED = ["torch", "accelerate", "transformers", "peft", "gin-config", "safetensors", "numpy", "datasets"]
@@ -100,7 +101,23 @@ class _QuietSearchPaths(logging.Filter):
         return not str(record.msg).startswith("Path not found")
 
 
+def check_bindings(bindings: List[str]) -> None:
+    """Parse each ``--bind`` alone before anything else, so a syntax error names the binding (gin's
+    own parser stops deep inside itself with only a line number)."""
+    from gin import config_parser
+
+    for binding in bindings:
+        try:
+            for _ in config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)):
+                pass
+        except Exception as err:  # SyntaxError, tokenize.TokenError (an unclosed bracket), ...
+            raise SystemExit(f"--bind {binding!r} is not a valid gin binding ({type(err).__name__}: {err}). "
+                             "A binding looks like: --bind \"train.steps = 3\" or --bind \"experiment.sampler = "
+                             "@samplers.prism()\"; strings need quotes: --bind \"evaluate.tag = 'a'\"") from None
+
+
 def parse_gin(configs: List[str], bindings: List[str]) -> None:
+    check_bindings(bindings)
     logging.getLogger().addFilter(_QuietSearchPaths())
     for path in (os.path.join(REPO_ROOT, "gin"), REPO_ROOT):
         if path not in gin.config._LOCATION_PREFIXES:
@@ -168,24 +185,6 @@ def run_options(
                 find_unused_parameters=find_unused_parameters)
 
 
-def make_accelerator(opts: dict, output_dir: str):
-    import torch
-    from accelerate import Accelerator
-
-    # On a machine without CUDA, Accelerate must be told to use the CPU for DDP (gloo); without it,
-    # torchrun ranks would silently train on their own.
-    cpu = not torch.cuda.is_available()
-    # step_scheduler_with_optimizer=False: otherwise Accelerate advances a prepared scheduler once per
-    # process at every optimizer step (warm-up N times too short, cosine past its end on N processes).
-    kwargs = []
-    if opts.get("find_unused_parameters"):
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(cpu=cpu, mixed_precision=opts["mixed_precision"], log_with=opts["log_with"],
-                       project_dir=output_dir, step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
-
-
 def format_table(rows: List[dict], columns: List[str]) -> str:
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -233,6 +232,22 @@ def load_run_weights(exp, output_dir: str, accelerator) -> str:
     return "random init"
 
 
+def check_eval_inputs(exp) -> None:
+    """A run that evaluates around training must be able to: check its sampler and evaluation data
+    before the first training step rather than after the last."""
+    if exp.sampler is None:
+        raise SystemExit("run.eval_before_train / run.eval_after_train need experiment.sampler "
+                         "(e.g. experiment.sampler = @samplers.mdlm())")
+    try:
+        first = next(iter(exp.task.eval_batches(1)), None)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"run.eval_before_train / run.eval_after_train is set, but the evaluation data cannot be "
+                         f"read: {err}\n(checked before training, so no training step was spent)") from None
+    if first is None:
+        raise SystemExit(f"run.eval_before_train / run.eval_after_train is set, but {type(exp.task).__name__} "
+                         "has no evaluation batches")
+
+
 def results_table(rows: List[dict]) -> str:
     columns: List[str] = []
     for row in rows:
@@ -251,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from prism.evaluate import generate_and_score
     from prism.experiment import build_experiment
-    from prism.train import train
+    from prism.train import NonFiniteError, train
 
     output_dir = args.output_dir or os.path.join(REPO_ROOT, "runs", os.path.splitext(os.path.basename(args.configs[0]))[0])
     os.makedirs(output_dir, exist_ok=True)
@@ -268,6 +283,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.command == "train":
         with accelerator.main_process_first():  # e.g. generate and cache data once, not once per rank
             exp.task.prepare()
+        if opts["eval_before_train"] or opts["eval_after_train"]:
+            check_eval_inputs(exp)  # before the first step, not after the last
         if args.overwrite and not args.resume and accelerator.is_main_process:
             clear_output_dir(output_dir)
         weights = exp.init_checkpoint or "random init"
@@ -288,13 +305,23 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if opts["eval_before_train"]:
             rows.append({"weights": weights, "train steps": 0,
                          **generate_and_score(exp, accelerator, output_dir, tag="_before")})
-        result["train"] = train(exp, accelerator, output_dir, resume=args.resume)
+        try:
+            result["train"] = train(exp, accelerator, output_dir, resume=args.resume)
+        except NonFiniteError as err:
+            raise SystemExit(f"training stopped: {str(err).split(chr(10) + '  In call to configurable')[0]}") from None
         if opts["eval_after_train"]:
             rows.append({"weights": "after training", "train steps": int(result["train"].get("step", 0)),
                          **generate_and_score(exp, accelerator, output_dir)})
     else:
-        result["eval"] = generate_and_score(exp, accelerator, output_dir, score=args.command == "eval")
-        rows.append({"weights": weights, **result["eval"]})
+        from prism.compare import compare_rows
+
+        compared = compare_rows(accelerator, output_dir, score=args.command == "eval")  # compare.rows: one per gin scope
+        if compared is not None:
+            result["eval"] = {r["row"]: r for r in compared}
+            rows += compared
+        else:
+            result["eval"] = generate_and_score(exp, accelerator, output_dir, score=args.command == "eval")
+            rows.append({"weights": weights, **result["eval"]})
         if args.command == "eval" and accelerator.is_main_process:
             write_text_atomic(os.path.join(output_dir, "metrics.json"), json.dumps(result["eval"], indent=2))
     if accelerator.is_main_process:
@@ -307,6 +334,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         write_text_atomic(os.path.join(output_dir, f"{args.command}_operative_config.gin"), gin.operative_config_str())
         write_text_atomic(os.path.join(output_dir, f"{args.command}_result.json"), json.dumps(result, indent=2, default=str))
     accelerator.end_training()
+    accelerator.print(f"\n{args.command} done; everything it wrote is in {os.path.abspath(output_dir)}")
     return result
 
 

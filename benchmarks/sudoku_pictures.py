@@ -24,53 +24,7 @@ from prism.experiment import build_experiment  # noqa: E402
 from prism.samplers.prism import prism_sampler  # noqa: E402
 from prism.train import step_generator  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
-from tasks.sudoku import CELL_POSITIONS  # noqa: E402
-
-
-def cell_errors(digits):
-    """(9, 9) bool: cells whose digit repeats in their row, column or box."""
-    bad = torch.zeros(9, 9, dtype=torch.bool)
-    for r in range(9):
-        for c in range(9):
-            d = digits[r, c]
-            if d == 0:
-                continue
-            br, bc = 3 * (r // 3), 3 * (c // 3)
-            box = digits[br:br + 3, bc:bc + 3]
-            bad[r, c] = (digits[r] == d).sum() > 1 or (digits[:, c] == d).sum() > 1 or (box == d).sum() > 1
-    return bad
-
-
-def draw_board(ax, digits, given, quality=None, unmasked=None, remasked=None, errors=None, title=""):
-    import matplotlib.pyplot as plt
-
-    cmap = plt.get_cmap("RdYlGn")
-    ax.set_xlim(0, 9)
-    ax.set_ylim(9, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for r in range(9):
-        for c in range(9):
-            if given[r, c]:
-                face = "#d9d9d9"
-            elif quality is not None and digits[r, c] != 0 and not torch.isnan(quality[r, c]):
-                face = cmap(float(quality[r, c]))
-            else:
-                face = "white"
-            ax.add_patch(plt.Rectangle((c, r), 1, 1, facecolor=face, edgecolor="#999999", lw=0.5))
-            if remasked is not None and remasked[r, c]:
-                ax.add_patch(plt.Rectangle((c + 0.05, r + 0.05), 0.9, 0.9, fill=False, edgecolor="red", lw=2.5))
-            if unmasked is not None and unmasked[r, c]:
-                ax.add_patch(plt.Rectangle((c + 0.05, r + 0.05), 0.9, 0.9, fill=False, edgecolor="blue", lw=2.5))
-            if errors is not None and errors[r, c]:
-                ax.add_patch(plt.Rectangle((c + 0.08, r + 0.08), 0.84, 0.84, fill=False, edgecolor="red", lw=1, ls="--"))
-            if digits[r, c]:
-                ax.text(c + 0.5, r + 0.55, str(int(digits[r, c])), ha="center", va="center", fontsize=13,
-                        fontweight="bold" if given[r, c] else "normal")
-    for k in range(0, 10, 3):
-        ax.axhline(k, color="black", lw=2)
-        ax.axvline(k, color="black", lw=2)
-    ax.set_title(title, fontsize=10)
+from tasks.sudoku_plots import draw_board, grid, save_quality_board  # noqa: E402
 
 
 def main():
@@ -98,28 +52,11 @@ def main():
     batch = {"input_ids": ids, "fixed": ids != 0}
     sampler = prism_sampler(args.steps, num_remask=args.num_remask)
     out = sampler(model, batch, step_generator(args.seed, args.puzzle, domain=1), trace=True)
-    with torch.no_grad():
-        final_q = torch.sigmoid(model(out.tokens).quality_logits.float())[0]
-
-    def grid(v):
-        return v[0, CELL_POSITIONS].reshape(9, 9) if v.dim() == 2 else v[CELL_POSITIONS].reshape(9, 9)
-
     given = grid(batch["fixed"])
-    digits = grid(out.tokens)
-    errors = cell_errors(digits)
-    solved = not errors.any()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 5.4))
-    q = grid(final_q).clone()
-    q[given] = float("nan")
-    draw_board(ax, digits, given, q, errors=errors,
-               title=f"dev puzzle {args.puzzle}: {'solved' if solved else f'{int(errors.sum())} cells in conflict'}; "
-                     f"colour = PRISM quality g_i")
-    sm = plt.cm.ScalarMappable(cmap="RdYlGn", norm=plt.Normalize(0, 1))
-    fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(args.out + "_board.png", dpi=110)
-    plt.close(fig)
+    board = save_quality_board(model, out.tokens[0], {"fixed": batch["fixed"][0]}, args.out + "_board.png",
+                               title=f"dev puzzle {args.puzzle}")
+    solved = board["solved"]
 
     frames = out.trace
     fig, ax = plt.subplots(figsize=(5, 5.4))

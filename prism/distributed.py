@@ -189,3 +189,50 @@ class EMA:
         self.decay, self.updates = state["decay"], state["updates"]
         for k, v in state["shadow"].items():
             local(self.shadow[k]).copy_(v)
+
+
+def make_accelerator(opts: dict, output_dir: str):
+    """The process-level Accelerator from ``run.*`` options: CPU mode (gloo) where there is no CUDA or
+    ACCELERATE_USE_CPU is set, at most one process per visible GPU, FSDP2 on CPU with PRISM_CPU_FSDP=1."""
+    from accelerate import Accelerator
+
+    # On a machine without CUDA, Accelerate must be told to use the CPU for DDP (gloo); without it,
+    # torchrun ranks would silently train on their own.
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if not cpu:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > torch.cuda.device_count():
+            raise SystemExit(
+                f"{local_world} processes per machine were asked for, but this machine has "
+                f"{torch.cuda.device_count()} visible GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
+                "Launch at most one process per GPU (--nproc_per_node / --num_processes), or run on the CPU "
+                "with ACCELERATE_USE_CPU=true (gloo).")
+    # step_scheduler_with_optimizer=False: otherwise Accelerate advances a prepared scheduler once per
+    # process at every optimizer step (warm-up N times too short, cosine past its end on N processes).
+    kwargs = []
+    if opts.get("find_unused_parameters"):
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=opts["mixed_precision"], log_with=opts["log_with"],
+                              project_dir=output_dir, step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
+    if cpu and os.environ.get("PRISM_CPU_FSDP", "").lower() in ("1", "true", "yes"):
+        cpu_fsdp2(accelerator)
+    return accelerator
+
+
+def cpu_fsdp2(accelerator) -> None:
+    """FSDP2 over gloo on CPU processes, for tests and for trying a sharded run without GPUs.
+    Accelerate only offers FSDP on accelerators, although torch's ``fully_shard`` runs on CPU; this
+    switches the state of an Accelerator built with ``cpu=True`` before anything is prepared."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes < 2:
+        raise SystemExit("PRISM_CPU_FSDP=1 needs at least 2 processes (torchrun --nproc_per_node 2)")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                            state_dict_type="SHARDED_STATE_DICT")
+    for state in (AcceleratorState(), PartialState()):
+        state.distributed_type = DistributedType.FSDP
+    AcceleratorState().fsdp_plugin = plugin

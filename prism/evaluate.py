@@ -3,12 +3,14 @@ sharded over processes; per-sample task metrics are gathered to the main process
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Dict, List, Optional
 
 import gin
 import torch
+from tqdm.auto import tqdm
 
 from prism.experiment import Experiment
 from prism.train import step_generator
@@ -27,7 +29,7 @@ def generate_and_score(
 ) -> Dict[str, float]:
     """Sample every conditioning batch of ``exp.task`` (the first ``limit`` sequences), write
     ``samples{tag}.jsonl`` and return mean metrics, ``nfe`` (mean forward passes per batch) and
-    ``seconds``."""
+    ``seconds``. The main process shows a progress bar over the batches."""
     if exp.sampler is None:
         raise ValueError("sampling needs experiment.sampler (e.g. experiment.sampler = @samplers.mdlm())")
     model = exp.model.to(accelerator.device).eval()
@@ -36,6 +38,9 @@ def generate_and_score(
     sums: Dict[str, float] = {}
     count, nfe_sum, n_batches, taken = 0, 0, 0, 0
     t0 = time.time()
+    bar = tqdm(desc=f"sampling {tag.lstrip('_')}".strip(), unit="batch", dynamic_ncols=True,
+               total=math.ceil(limit / batch_size) if limit is not None else None,
+               disable=not accelerator.is_local_main_process)
     for i, batch in enumerate(exp.task.eval_batches(batch_size)):
         if limit is not None and taken >= limit:
             break
@@ -43,6 +48,7 @@ def generate_and_score(
             batch = {k: v[: limit - taken] for k, v in batch.items()}
         taken += len(batch["input_ids"])
         if i % world != rank:
+            bar.update(1)  # another process samples it
             continue
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         out = exp.sampler(model, batch, step_generator(exp.seed, i, domain=1))
@@ -56,6 +62,9 @@ def generate_and_score(
             rec = {"index": i * batch_size + j, "tokens": tokens.tolist(), "text": exp.task.decode(tokens)}
             rec.update({k: float(v[j]) for k, v in values.items()})
             records.append(rec)
+        bar.update(1)
+        bar.set_postfix({k: f"{v / max(count, 1):.3f}" for k, v in sorted(sums.items())})
+    bar.close()
     keys = sorted(sums)
     totals = torch.tensor([sums[k] for k in keys] + [count, nfe_sum, n_batches], dtype=torch.float64)
     totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()

@@ -97,6 +97,7 @@ BUILTIN_MODULES = (
     "prism.experiment",
     "prism.train",
     "prism.evaluate",
+    "prism.compare",
     "prism.backbones.dit",
     "prism.backbones.hf",
     "prism.losses.mdm",
@@ -105,6 +106,7 @@ BUILTIN_MODULES = (
     "prism.heads.quality",
     "prism.samplers",
     "tasks.sudoku",
+    "tasks.sudoku_plots",
 )
 
 

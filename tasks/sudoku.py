@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional
 import gin
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from prism.paths import CACHE_ROOT, DATA_ROOT
 from registry import TASKS
@@ -151,7 +152,11 @@ def generate_solved_grids(n: int, seed: int, cache_dir: Optional[str] = None) ->
         if os.path.exists(path):
             return torch.from_numpy(np.load(path)).long()
     rng = random.Random(seed)
-    grids = np.array([random_solved_grid(rng) for _ in range(n)], dtype=np.int8).reshape(n, 9, 9)
+    # tens of seconds for the training sets: a progress bar, on the first process of each machine only
+    # (the others wait for the cache; without a cache each process generates its own silently)
+    bar = tqdm(range(n), desc=f"generating {n} Sudoku grids (seed {seed})", unit="grid", dynamic_ncols=True,
+               mininterval=1.0, disable=n < 1000 or int(os.environ.get("LOCAL_RANK", "0")) != 0)
+    grids = np.array([random_solved_grid(rng) for _ in bar], dtype=np.int8).reshape(n, 9, 9)
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")

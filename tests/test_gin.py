@@ -39,14 +39,14 @@ def test_missing_gin_file_is_reported():
 
 
 def test_composition_include_chain_and_macros(tmp_path):
-    """quickstart.gin includes mdm.gin includes base.gin includes models/ and samplers/: the
+    """quickstart_finetune.gin includes mdm.gin includes base.gin includes models/ and samplers/: the
     macros reach the components, and a run file can override them; works from any directory."""
     code = f"""
 import sys; sys.path.insert(0, {REPO!r})
 import run, gin
 from registry import load_builtin_components
 load_builtin_components()
-run.parse_gin(['sudoku/quickstart.gin'], ['STEPS = 77'])
+run.parse_gin(['sudoku/quickstart_finetune.gin'], ['STEPS = 77'])
 print(gin.query_parameter('samplers.mdlm.steps'), gin.query_parameter('%STEPS'),
       gin.query_parameter('backbones.dit.preset'), gin.query_parameter('%DIT_PRESET'),
       gin.query_parameter('train.steps'), gin.query_parameter('train.batch_size'))
