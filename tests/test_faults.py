@@ -74,11 +74,18 @@ def test_skip_mode_drops_only_the_bad_update_and_counts_it(tiny_gin, tmp_path):
     plugin.mkdir()
     (plugin / "__init__.py").write_text(PLUGIN)
     out, ref = str(tmp_path / "skip"), str(tmp_path / "ref")
-    common = ["--bind", "train.steps = 4", "--bind", "train.log_every = 2", "--bind", "train.save_every = 4"]
+    common = ["--bind", "train.steps = 4", "--bind", "train.log_every = 2", "--bind", "train.save_every = 1",
+              "--bind", "train.keep_checkpoints = 10"]
     run_py(["train", tiny_gin, "--user-dir", str(plugin), "--output-dir", out, *common, "--bind", "experiment.loss = @losses.nan_at()",
             "--bind", "losses.nan_at.calls = [3]", "--bind", "train.on_nonfinite = 'skip'"])
     logged = {r["step"]: r for r in rows(out)}
     assert logged[4]["skipped"] == 1 and "skipped" not in logged[2]
+    assert logged[4]["loss"] is not None and abs(logged[4]["loss"]) < float("inf")  # the mean of step 4 alone
+    from safetensors.torch import load_file
+
+    w = {s: load_file(os.path.join(out, "checkpoints", f"step_{s:08d}", "weights.safetensors")) for s in (2, 3, 4)}
+    assert all(torch.equal(w[2][k], w[3][k]) for k in w[2])  # step 3's update was dropped
+    assert any(not torch.equal(w[3][k], w[4][k]) for k in w[3])  # step 4's was not
     stopped = run_py(["train", tiny_gin, "--user-dir", str(plugin), "--output-dir", ref, *common, "--bind",
                       "experiment.loss = @losses.nan_at()", "--bind", "losses.nan_at.calls = [3]"], check=False)
     assert stopped.returncode != 0 and "step 3: not finite" in stopped.stderr and ckpt_names(ref) == []
