@@ -208,7 +208,7 @@ def train(
         raise ValueError(f"train.on_nonfinite = 'skip' is not available under {'DeepSpeed' if kind.startswith('zero') else 'fp16'} "
                          "(DeepSpeed steps inside backward; fp16's loss scaler skips overflowing steps itself): use 'stop'")
     if ema_decay > 0 and not EMA.supported(accelerator):
-        raise ValueError(f"train.ema_decay = {ema_decay} is not supported under {layout(accelerator)} (its parameters are "
+        raise ValueError(f"train.ema_decay = {ema_decay} is not supported under {kind} (its parameters are "
                          "flat shards the EMA cannot follow): set train.ema_decay = 0.0, or use FSDP2 "
                          "(fsdp_version: 2 in the accelerate config), DDP or ZeRO-1/2")
     if num_threads:
@@ -327,7 +327,7 @@ def train(
             out_of_time = bool(accelerator.reduce(torch.tensor([float(late)], device=device), "sum").item())
         if step % save_every == 0 or step == steps or out_of_time:
             save_checkpoint(accelerator, output_dir, step, module, model, ema, keep_checkpoints,
-                            {"world_size": world, "layout": layout(accelerator), "elapsed_s": elapsed_before + time.time() - t_start,
+                            {"world_size": world, "layout": kind, "elapsed_s": elapsed_before + time.time() - t_start,
                              "metrics": last, "log_window": window.state(accelerator)})
         if out_of_time:
             accelerator.print(f"max_minutes={max_minutes} reached at step {step}; resume with --resume")
