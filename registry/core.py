@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import pkgutil
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
@@ -90,29 +91,25 @@ NOISE = Registry("noise")
 TASKS = Registry("tasks")
 REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, REMASK_RULES, DRAWS, NOISE, TASKS)}
 
-# Modules whose import registers the built-in components.
-BUILTIN_MODULES = (
-    "prism.masking",
-    "prism.model",
-    "prism.experiment",
-    "prism.train",
-    "prism.evaluate",
-    "prism.compare",
-    "prism.backbones.dit",
-    "prism.backbones.hf",
-    "prism.losses.mdm",
-    "prism.losses.prism",
-    "prism.losses.token_critic",
-    "prism.heads.quality",
-    "prism.samplers",
-    "tasks.sudoku",
-    "tasks.sudoku_plots",
-)
+# The project's component packages. Every module below them is imported, so a new component file
+# (a task, a sampler, a loss) registers itself with no edit here, as fairseq imports every module of
+# its component folders.
+BUILTIN_PACKAGES = ("prism", "tasks")
 
 
-def load_builtin_components() -> None:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+def import_package_modules(package: str) -> List[str]:
+    """Import ``package`` and every module below it; returns the module names, in import order."""
+    root = importlib.import_module(package)
+    names = [package]
+    for info in pkgutil.walk_packages(getattr(root, "__path__", []), prefix=package + "."):
+        importlib.import_module(info.name)
+        names.append(info.name)
+    return names
+
+
+def load_builtin_components(packages=BUILTIN_PACKAGES) -> List[str]:
+    """Register the built-in components: import every module of the component packages."""
+    return [name for package in packages for name in import_package_modules(package)]
 
 
 def import_user_dir(path: str) -> List[str]:

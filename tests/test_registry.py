@@ -1,3 +1,4 @@
+import os
 import gin
 import pytest
 import torch
@@ -72,3 +73,44 @@ def test_user_dir_of_plain_modules_and_name_clash(tmp_path):
         import_user_dir(str(clash))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         import_user_dir(str(tmp_path / "nope"))
+
+
+def test_every_module_of_the_component_packages_is_imported():
+    """load_builtin_components finds the built-in components by walking prism/ and tasks/: every
+    module file on disk is imported (a new task file needs no registry edit)."""
+    import sys
+
+    from registry import load_builtin_components
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    on_disk = set()
+    for package in ("prism", "tasks"):
+        for folder, _, files in os.walk(os.path.join(repo, package)):
+            for f in files:
+                if f.endswith(".py") and "__pycache__" not in folder:
+                    rel = os.path.relpath(os.path.join(folder, f), repo)[:-3].replace(os.sep, ".")
+                    on_disk.add(rel[: -len(".__init__")] if rel.endswith(".__init__") else rel)
+    imported = set(load_builtin_components())
+    assert on_disk == imported
+    assert on_disk <= set(sys.modules)
+
+
+def test_a_new_component_file_registers_itself_without_a_registry_edit(tmp_path, monkeypatch):
+    import sys
+
+    from registry import TASKS
+    from registry.core import import_package_modules
+
+    pkg = tmp_path / "my_tasks"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "countdown.py").write_text(
+        "from registry import TASKS\n\n\n@TASKS.register('countdown_test_only')\ndef countdown(n: int = 3):\n    return list(range(n, 0, -1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert import_package_modules("my_tasks") == ["my_tasks", "my_tasks.countdown"]
+        assert "countdown_test_only" in TASKS and TASKS.build("countdown_test_only") == [3, 2, 1]
+    finally:
+        TASKS._entries.pop("countdown_test_only", None)
+        for name in ("my_tasks", "my_tasks.countdown"):
+            sys.modules.pop(name, None)

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from prism.backbones.dit import DiTBlock, LayerNorm, Rotary, modulate
+from prism.layers import DiTBlock, LayerNorm, Rotary, modulate
 from registry import HEADS
 
 
