@@ -197,7 +197,7 @@ def format_table(rows: List[dict], columns: List[str]) -> str:
 
 def check_output_dir(args: argparse.Namespace, output_dir: str) -> None:
     """Never train over an earlier run's checkpoints unless asked to (--resume or --overwrite)."""
-    from prism.train import list_checkpoints
+    from prism.checkpoint import list_checkpoints
 
     if args.command == "train" and not args.resume and list_checkpoints(output_dir) and not args.overwrite:
         raise SystemExit(
@@ -217,14 +217,12 @@ def clear_output_dir(output_dir: str) -> None:
 def load_run_weights(exp, output_dir: str, accelerator) -> str:
     """For sample / eval: the run's own latest checkpoint if it has one, else
     experiment.init_checkpoint (already loaded), else the random initialisation (with a warning)."""
-    from prism.experiment import load_weights
-    from prism.train import list_checkpoints
+    from prism.checkpoint import load_latest
 
-    ckpts = list_checkpoints(output_dir)
-    if ckpts:
-        load_weights(exp.model, ckpts[-1])
-        accelerator.print(f"loaded weights from {ckpts[-1]}")
-        return os.path.relpath(ckpts[-1], REPO_ROOT) if ckpts[-1].startswith(REPO_ROOT) else ckpts[-1]
+    ckpt = load_latest(exp.model, output_dir)
+    if ckpt:
+        accelerator.print(f"loaded weights from {ckpt}")
+        return os.path.relpath(ckpt, REPO_ROOT) if ckpt.startswith(REPO_ROOT) else ckpt
     if exp.init_checkpoint:
         return exp.init_checkpoint
     accelerator.print("warning: no checkpoint in the output directory and no experiment.init_checkpoint: "

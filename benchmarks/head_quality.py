@@ -24,9 +24,9 @@ import gin  # noqa: E402
 import torch  # noqa: E402
 
 import run  # noqa: E402
+from prism.checkpoint import list_checkpoints  # noqa: E402
 from prism.experiment import build_experiment  # noqa: E402
 from prism.quality_eval import collect, summarise  # noqa: E402
-from prism.train import list_checkpoints  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
 
 LABELS = {"prism": "PRISM head g_i(y)", "token_critic": "Token-Critic on x̂", "confidence": "MDM confidence p(x̂_i | z)"}

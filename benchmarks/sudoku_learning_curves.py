@@ -41,16 +41,18 @@ def validate(run_dir: str, n_grids: int = 512) -> dict:
     import torch
 
     import run
-    from prism.experiment import build_experiment, load_weights
+    from prism.checkpoint import load_latest
+    from prism.experiment import build_experiment
     from prism.losses.mdm import MDLMLoss
-    from prism.train import list_checkpoints, step_generator
+    from prism.train import step_generator
     from registry import load_builtin_components
 
     load_builtin_components()
     gin.clear_config()
     run.parse_gin([os.path.join(run_dir, "train_config.gin")], ["tasks.sudoku.n_train_grids = 10"])
     exp = build_experiment()
-    load_weights(exp.model, list_checkpoints(run_dir)[-1])
+    if load_latest(exp.model, run_dir) is None:
+        raise SystemExit(f"{run_dir} has no complete checkpoint")
     exp.model.eval()
     loss, totals = MDLMLoss(), {}
     with torch.no_grad():

@@ -1,25 +1,26 @@
 """Export the latest (or a given) checkpoint of a training run as a standalone weights file.
 
-    python -m prism.export runs/sudoku_mdm gin/sudoku/mdm.safetensors [--step N]
+    python -m prism.export runs/sudoku_mdm gin/sudoku/mdm.safetensors [--step N] [--only 'head.*' ...] [--dtype bfloat16]
 
 Writes OUT (the checkpoint's ``weights.safetensors``: EMA weights when the run used EMA) and
 OUT with ``.json`` in place of ``.safetensors``: the step, the run's last logged metrics, the run
 information (versions, git commit, processes) and the operative gin config it was trained with.
-Both files are written to temporary names and renamed into place.
+Both files are written to temporary names and renamed into place. ``--only`` keeps the weights whose
+names match the patterns (an adapter-only file, for ``experiment.init_adapter``); ``--dtype`` casts
+floating-point weights.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import sys
 
+from prism.checkpoint import copy_weights, list_checkpoints
 from prism.paths import write_text_atomic
-from prism.train import list_checkpoints
 
 
-def export(run_dir: str, out: str, step: int | None = None) -> dict:
+def export(run_dir: str, out: str, step: int | None = None, only: list | None = None, dtype: str | None = None) -> dict:
     ckpts = list_checkpoints(run_dir)
     if step is not None:
         ckpts = [c for c in ckpts if c.endswith(f"{step:08d}")]
@@ -28,7 +29,7 @@ def export(run_dir: str, out: str, step: int | None = None) -> dict:
     ckpt = ckpts[-1]
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
-    meta = {"source": os.path.relpath(ckpt), **state}
+    meta = {"source": os.path.relpath(ckpt), **state, **{k: v for k, v in (("only", only), ("dtype", dtype)) if v}}
     for name in ("train_run_info.json",):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
@@ -40,9 +41,7 @@ def export(run_dir: str, out: str, step: int | None = None) -> dict:
         if os.path.exists(os.path.join(run_dir, name)):
             with open(os.path.join(run_dir, name)) as f:
                 meta[key] = f.read()
-    tmp = out + ".tmp"
-    shutil.copyfile(os.path.join(ckpt, "weights.safetensors"), tmp)
-    os.replace(tmp, out)
+    copy_weights(ckpt, out, only=only, dtype=dtype)
     write_text_atomic(os.path.splitext(out)[0] + ".json", json.dumps(meta, indent=2))
     return meta
 
@@ -52,8 +51,10 @@ def main(argv=None):
     p.add_argument("run_dir")
     p.add_argument("out")
     p.add_argument("--step", type=int, default=None)
+    p.add_argument("--only", action="append", default=None, help="a pattern of weight names to keep (repeatable)")
+    p.add_argument("--dtype", default=None, help="cast floating-point weights, e.g. bfloat16")
     args = p.parse_args(argv)
-    meta = export(args.run_dir, args.out, args.step)
+    meta = export(args.run_dir, args.out, args.step, only=args.only, dtype=args.dtype)
     print(f"exported step {meta['step']} of {args.run_dir} to {args.out}")
 
 

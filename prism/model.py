@@ -16,30 +16,84 @@ from prism.backbones.base import Backbone
 
 @dataclass
 class MDMOutput:
-    """``log_probs``: (B, L, V) SUBS log-posterior over clean tokens; ``hidden_states``: (B, L, D);
+    """``log_probs``: (B, L, V) SUBS log-posterior over clean tokens (None when the pass was asked
+    for the quality only); ``hidden_states``: (B, L, D);
     ``quality_logits``: (B, L) logit of g_i (None without a head); ``token_log_probs``: (B, L) the
     model's own log-probability of the token present at each position, before SUBS carries clean
     tokens over (what P2-self remasks by)."""
 
-    log_probs: torch.Tensor
+    log_probs: Optional[torch.Tensor]
     hidden_states: torch.Tensor
     quality_logits: Optional[torch.Tensor] = None
     token_log_probs: Optional[torch.Tensor] = None
 
 
-def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int, return_token_log_probs: bool = False):
-    """SUBS parameterisation (MDLM §3.2): the mask token gets zero probability ("zero masking
-    probabilities") and unmasked positions carry over their token ("carry-over unmasking").
-    With ``return_token_log_probs`` also the (B, L) log-probability of each present token before
-    the carry-over."""
-    never_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    never_mask[mask_id] = True
-    log_probs = torch.log_softmax(logits.float().masked_fill(never_mask, float("-inf")), dim=-1)
+LOG_SOFTMAX_CHUNK = 1 << 24  # elements per in-place log-softmax chunk (64 MB float32)
+
+
+def _subs_inplace(buf: torch.Tensor, input_ids: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Turn the logits in ``buf`` (B, L, V), float, contiguous, into SUBS log-probs IN PLACE (one
+    log-softmax over rows, a chunk at a time, so no second (B, L, V) tensor); returns the (B, L)
+    log-probability of each present token before the carry-over."""
+    V = buf.shape[-1]
+    buf[..., mask_id] = float("-inf")  # zero masking probability
+    for rows in buf.view(-1, V).split(max(1, LOG_SOFTMAX_CHUNK // V)):
+        rows.copy_(torch.log_softmax(rows, dim=-1))
+    token_log_probs = buf.gather(-1, input_ids[..., None]).squeeze(-1)
     clean = input_ids != mask_id
-    carry = torch.full_like(log_probs, float("-inf")).scatter(-1, input_ids[..., None], 0.0)
-    subs = torch.where(clean[..., None], carry, log_probs)
+    # carry-over on the token level: a clean row becomes log one-hot(token) (0 there, −inf elsewhere)
+    buf.masked_fill_(clean[..., None], float("-inf"))
+    at_token = torch.zeros_like(token_log_probs).masked_fill_(~clean, float("-inf"))
+    buf.scatter_(-1, input_ids[..., None], at_token[..., None])  # masked rows: writes −inf at mask_id again
+    return token_log_probs
+
+
+class _SUBSLogSoftmax(torch.autograd.Function):
+    """SUBS log-probs with one (B, L, V) output and nothing else kept for backward. Backward of
+    y = log_softmax(x) on masked rows: ∂x = g − softmax(x)·Σ_v g_v = g − exp(y)·Σ_v g_v; the mask
+    column (−inf before the softmax) and the clean rows (constants) get zero gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, input_ids, mask_id):
+        buf = logits.detach().to(dtype=torch.promote_types(logits.dtype, torch.float32),
+                                 memory_format=torch.contiguous_format, copy=True)
+        token_log_probs = _subs_inplace(buf, input_ids, mask_id)
+        ctx.mask_id, ctx.in_dtype = mask_id, logits.dtype
+        ctx.save_for_backward(buf, input_ids)
+        ctx.mark_non_differentiable(token_log_probs)
+        return buf, token_log_probs
+
+    @staticmethod
+    def backward(ctx, grad, _unused):
+        y, input_ids = ctx.saved_tensors
+        clean = (input_ids != ctx.mask_id)[..., None]
+        total = grad.sum(-1, keepdim=True)
+        dx = y.exp().mul_(total.neg_()).add_(grad)  # the only new (B, L, V) tensor
+        dx.masked_fill_(clean, 0.0)
+        dx[..., ctx.mask_id] = 0.0
+        return dx.to(ctx.in_dtype), None, None
+
+
+def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int, return_token_log_probs: bool = False,
+                   inplace: bool = False):
+    """SUBS parameterisation (MDLM §3.2): log_softmax of the logits with the mask token at −inf ("zero
+    masking probabilities"); unmasked positions carry over their token ("carry-over unmasking": log
+    one-hot). With ``return_token_log_probs`` also the (B, L) log-probability of each present token
+    before the carry-over.
+
+    Memory: one (B, L, V) float tensor is made (none when ``inplace`` and the logits are already
+    float32/64 and contiguous: they are overwritten, for callers that own them, e.g. ``MDM.forward``
+    under no_grad). With autograd the backward keeps only that output (``_SUBSLogSoftmax``)."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        subs, token_log_probs = _SUBSLogSoftmax.apply(logits, input_ids, mask_id)
+    else:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        own = inplace and logits.dtype == dtype and logits.is_contiguous()
+        buf = logits.detach() if own else logits.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        token_log_probs = _subs_inplace(buf, input_ids, mask_id)
+        subs = buf
     if return_token_log_probs:
-        return subs, log_probs.gather(-1, input_ids[..., None]).squeeze(-1)
+        return subs, token_log_probs
     return subs
 
 
@@ -106,11 +160,18 @@ class MDM(nn.Module):
     def vocab_size(self) -> int:
         return self.backbone.vocab_size
 
-    def forward(self, input_ids, attention_mask=None, t=None) -> MDMOutput:
+    def forward(self, input_ids, attention_mask=None, t=None, log_probs: bool = True) -> MDMOutput:
+        """One backbone pass → SUBS log-probs (``subs_log_probs``, written over the backbone's fresh
+        logits when no graph is kept) and the head's quality logits. ``log_probs=False`` skips the
+        SUBS step (``log_probs`` and ``token_log_probs`` are None): for a pass that only needs the
+        quality, e.g. PRISM's pass on y."""
         out = self.backbone(input_ids, attention_mask=attention_mask, t=t)
         quality = self.head(out.hidden_states, out.cond, attention_mask) if self.head is not None else None
-        log_probs, token_log_probs = subs_log_probs(out.logits, input_ids, self.mask_id, return_token_log_probs=True)
-        return MDMOutput(log_probs, out.hidden_states, quality, token_log_probs)
+        if not log_probs:
+            return MDMOutput(None, out.hidden_states, quality, None)
+        subs, token_log_probs = subs_log_probs(out.logits, input_ids, self.mask_id, return_token_log_probs=True,
+                                               inplace=True)
+        return MDMOutput(subs, out.hidden_states, quality, token_log_probs)
 
     def critic_logits(self, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """(B, L) Token-Critic logits of "this token is real" on a fully filled sequence."""

@@ -23,11 +23,10 @@ from accelerate.utils import broadcast_object_list
 import torch
 from torch import nn
 
-from prism.distributed import EMA, all_finite, as_scalar, canonical_name, layout, ranks_in_sync, weights_sharded
-from prism.experiment import Experiment, parameter_aliases, save_weights
+from prism.checkpoint import checkpoint_dirs, commit_checkpoint, list_checkpoints, load_ema, write_checkpoint_weights
+from prism.distributed import EMA, all_finite, as_scalar, layout, ranks_in_sync
+from prism.experiment import Experiment
 from prism.runlog import append_row, keep_rows_up_to, read_rows
-
-CKPT_PREFIX = "step_"
 
 
 def step_generator(seed: int, step: int, index: int = 0, domain: int = 0) -> torch.Generator:
@@ -53,21 +52,6 @@ class TrainModule(nn.Module):
         return out.loss, out.logs
 
 
-def list_checkpoints(output_dir: str):
-    """Complete checkpoints (directories with trainer_state.json), oldest first."""
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith(CKPT_PREFIX) and os.path.exists(os.path.join(path, "trainer_state.json")):
-            found.append((int(name[len(CKPT_PREFIX):]), path))
-    return [p for _, p in sorted(found)]
-
-
-
-
 class NonFiniteError(RuntimeError):
     """A loss, gradient or weight turned NaN or inf; raised on every rank at the same step."""
 
@@ -75,41 +59,23 @@ class NonFiniteError(RuntimeError):
 def save_checkpoint(accelerator, output_dir: str, step: int, module: nn.Module, model: nn.Module,
                     ema: Optional[EMA], keep: int, extra: dict) -> str:
     """``accelerator.save_state`` (each rank its part) and the gathered ``weights.safetensors`` (EMA
-    values when the run keeps an EMA) into a temporary directory, then an atomic rename: a crash
-    while saving leaves the previous checkpoint intact and never a half-written one that looks
-    complete. Refuses weights that are not finite, before touching any checkpoint. Every rank must
-    call it (gathering sharded weights is collective)."""
+    values when the run keeps an EMA; ``prism.checkpoint.write_checkpoint_weights``) into a temporary
+    directory, then an atomic rename: a crash while saving leaves the previous checkpoint intact and
+    never a half-written one that looks complete. Refuses weights that are not finite, before touching
+    any checkpoint. Every rank must call it (gathering sharded weights is collective)."""
     if not all_finite(accelerator, model):
         raise NonFiniteError(f"step {step}: the weights hold NaN or inf; no checkpoint was written and the "
                              f"earlier ones in {output_dir}/checkpoints are untouched")
-    root = os.path.join(output_dir, "checkpoints")
-    final = os.path.join(root, f"{CKPT_PREFIX}{step:08d}")
-    tmp = os.path.join(root, f".tmp-{CKPT_PREFIX}{step:08d}")
+    tmp, final = checkpoint_dirs(output_dir, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
-    # the whole model on the main process: collective where weights are sharded, else the main process's own
-    state = accelerator.get_state_dict(module) if weights_sharded(accelerator) or accelerator.is_main_process else None
-    shadow = ema.full_shadow(accelerator) if ema is not None else None  # collective under FSDP2
-    if ema is not None:
-        ema.save(tmp, accelerator)
-    accelerator.wait_for_everyone()
+    write_checkpoint_weights(accelerator, module, model, ema, tmp)
     if accelerator.is_main_process:
-        weights = {}
-        for k, v in state.items():
-            k = canonical_name(k)  # without torch.compile's or activation checkpointing's wrapper names
-            if k.startswith("model."):
-                weights[k[len("model."):]] = v
-        if ema is not None:
-            weights = ema.weights(weights, parameter_aliases(model), shadow)
-        save_weights(weights, model, os.path.join(tmp, "weights.safetensors"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, **extra}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_checkpoint(tmp, final, output_dir, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -150,17 +116,6 @@ class LogWindow:
         keys = sorted(self.sums)
         sums = accelerator.reduce(torch.stack([self.sums[k] for k in keys]).to(self.device), "mean").tolist() if keys else []
         return {"sums": dict(zip(keys, sums)), "n": self.n}
-
-
-def load_ema(ema: EMA, ckpt: str, accelerator) -> None:
-    legacy = os.path.join(ckpt, "custom_checkpoint_0.pkl")  # checkpoints written before EMA files
-    if not os.path.exists(os.path.join(ckpt, EMA.FILE.format(rank=0))) and os.path.exists(legacy):
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
-        ema.decay, ema.updates = state["decay"], state.get("updates", 10**9)
-        for k, v in state["shadow"].items():
-            ema.shadow[k].copy_(v)
-        return
-    ema.load(ckpt, accelerator)
 
 
 @gin.configurable("train")

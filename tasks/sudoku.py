@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import gin
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from prism.metrics import BinomialInterval, CorpusMetric
 from prism.paths import CACHE_ROOT, DATA_ROOT
 from registry import TASKS
 from tasks.base import Task
@@ -26,6 +27,7 @@ from tasks.base import Task
 MASK, EOL, SEQ_LEN, VOCAB = 0, 10, 89, 11
 EOL_POSITIONS = [r * 10 + 9 for r in range(8)]
 CELL_POSITIONS = [r * 10 + c for r in range(9) for c in range(9)]  # row-major cell -> token index
+CELL_CHARS = {MASK: ".", **{d: str(d) for d in range(1, 10)}}  # how decode writes a cell's token
 
 
 # ----------------------------------------------------------------------------- layout
@@ -198,9 +200,15 @@ class Sudoku(Task):
     ``conditional=False`` only the EOLs are fixed (the paper's unconditional training).
     Evaluation: ``eval_file`` under ``data_dir`` (default ``hard_sudokus_dev.csv``), the first
     ``eval_limit`` rows; held-out solved grids for losses: ``valid_file``.
+
+    No tokenizer (``decode`` draws the board); ``seq_len`` is 89 and may only be set to 89 (gin:
+    ``tasks.sudoku.seq_len = %SEQ_LEN``); no padding. Per-sample metrics: ``success``,
+    ``units_valid``, ``givens_kept``; corpus metrics: ``corpus_scorers`` (default: the 95% Wilson
+    interval of the success rate, ``success_ci_low`` / ``success_ci_high``).
     """
 
-    vocab_size, mask_id, seq_len = VOCAB, MASK, SEQ_LEN
+    vocab_size, mask_id = VOCAB, MASK
+    tokenizer = None
 
     def __init__(
         self,
@@ -215,7 +223,14 @@ class Sudoku(Task):
         conditional: bool = True,
         clues_min: int = 17,
         clues_max: int = 50,
+        seq_len: int = SEQ_LEN,
+        corpus_scorers: Optional[Sequence[CorpusMetric]] = None,
     ):
+        if seq_len != SEQ_LEN:
+            raise ValueError(f"tasks.sudoku.seq_len = {seq_len}: a Sudoku sequence is {SEQ_LEN} tokens "
+                             "(81 cells + 8 end-of-line tokens)")
+        self.seq_len = seq_len
+        self.corpus_scorers = list(corpus_scorers) if corpus_scorers is not None else [BinomialInterval("success")]
         self.data_dir = data_dir or os.path.join(DATA_ROOT, "sudoku")
         self.eval_file, self.eval_limit, self.valid_file = eval_file, eval_limit, valid_file
         self.n_train_grids, self.grid_seed, self.cache_dir = n_train_grids, grid_seed, cache_dir
@@ -240,7 +255,7 @@ class Sudoku(Task):
         batch_grids = grids[idx]
         if self.augment:
             batch_grids = augment_grids(batch_grids, generator)
-        return self.with_clues(grids_to_tokens(batch_grids), generator, self.conditional)
+        return self.check_batch(self.with_clues(grids_to_tokens(batch_grids), generator, self.conditional))
 
     def with_clues(self, tokens: torch.Tensor, generator: torch.Generator, conditional: bool = True) -> Dict[str, torch.Tensor]:
         """A batch of solved grids with EOLs fixed and, if ``conditional``, a random clue set of
@@ -269,9 +284,9 @@ class Sudoku(Task):
         puzzles = self.eval_puzzles()
         for start in range(0, len(puzzles), batch_size):
             ids = puzzles[start : start + batch_size]
-            yield {"input_ids": ids, "fixed": ids != MASK}
+            yield self.check_batch({"input_ids": ids, "fixed": ids != MASK})
 
-    def metrics(self, samples: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def sample_metrics(self, samples: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         fixed = batch["fixed"]
         kept = ((samples == batch["input_ids"]) | ~fixed).all(dim=1)
         units = units_valid(samples)
@@ -281,6 +296,8 @@ class Sudoku(Task):
             "givens_kept": kept.float(),
         }
 
-    def decode(self, sample: torch.Tensor) -> str:
-        g = tokens_to_grids(sample[None])[0]
-        return "\n".join("".join(str(int(v)) if v else "." for v in row) for row in g)
+    def decode(self, tokens: torch.Tensor) -> str:
+        """The 9×9 board as 9 lines of 9 characters: digits, '.' for a blank (mask) and '?' for any
+        other token in a cell (e.g. an end-of-line token generated there)."""
+        g = tokens_to_grids(tokens[None])[0]
+        return "\n".join("".join(CELL_CHARS.get(int(v), "?") for v in row) for row in g)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import run
-from conftest import TINY_GIN, run_py
+from conftest import CPU_PROCESSES_ENV, TINY_GIN, TORCHRUN, run_py
 from prism.compare import _row_sample, compare_rows, describe_sampler
 from prism.experiment import build_experiment, save_weights
 from tasks.sudoku import CELL_POSITIONS, generate_solved_grids, grids_to_tokens
@@ -107,7 +107,7 @@ def test_each_row_builds_its_own_experiment_in_its_scope(rows_gin, monkeypatch):
 def test_rows_from_run_py_eval_one_table_samples_and_picture(rows_gin, tmp_path):
     gin_path, ckpt = rows_gin
     out = str(tmp_path / "out")
-    proc = run_py(["eval", gin_path, "--output-dir", out])
+    proc = run_py(["eval", gin_path, "--output-dir", out], env={"OMP_NUM_THREADS": "1"})  # as each torchrun process below
     result = json.load(open(os.path.join(out, "eval_result.json")))
     table = result["table"]
     assert [(r["row"], r["weights"], r["head"]) for r in table] == [
@@ -129,6 +129,21 @@ def test_rows_from_run_py_eval_one_table_samples_and_picture(rows_gin, tmp_path)
     # the table is printed, and every row's sampling showed a progress bar
     assert "| row | weights | head | sampler |" in proc.stdout
     assert all(f"sampling {row}" in proc.stderr for row in ("plain", "prism", "prism_confident"))
+
+    # the same rows on 2 processes (batches 0, 2 on one, batch 1 on the other): the same samples per
+    # row and the same metrics (except the wall-clock), and the picture of the same board
+    out2 = str(tmp_path / "out2")
+    run_py(["eval", gin_path, "--output-dir", out2], env=CPU_PROCESSES_ENV, launcher=TORCHRUN)
+    for row in ("plain", "prism", "prism_confident"):
+        with open(os.path.join(out2, f"samples_{row}.jsonl")) as f:
+            assert [json.loads(line)["tokens"] for line in f] == samples[row], row
+    metrics = [json.load(open(os.path.join(d, "metrics.json"))) for d in (out, out2)]
+    for m in metrics:
+        for row in m.values():
+            row.pop("seconds")
+    assert metrics[1] == metrics[0]
+    with open(os.path.join(out2, "quality_prism.png"), "rb") as f:
+        assert f.read().startswith(PNG_SIGNATURE)
 
 
 def test_shipped_quickstart_rows_are_the_readme_experiments(monkeypatch):

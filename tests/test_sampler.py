@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import prism.samplers.draw as draw
+import prism.ops as ops
 from prism.samplers import Sampler, mdlm_sampler
 from prism.samplers.draw import GumbelDraw, gumbel_max, nucleus_filter
 from prism.samplers.rules import ConfidenceUnmask, select_top
@@ -89,19 +89,20 @@ def test_select_top_picks_per_row():
     assert chosen.tolist() == [[False, False, True, True], [False, False, True, False]]
 
 
-def test_gumbel_max_frequencies_and_float64(monkeypatch):
+def test_gumbel_max_frequencies_and_float32_noise(monkeypatch):
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
     lp = probs.log().expand(200_000, 4)
-    dtypes = []
+    calls = []
     real_rand = torch.rand
 
     def spy(*args, **kwargs):
-        dtypes.append(kwargs.get("dtype"))
+        calls.append((kwargs.get("dtype"), kwargs.get("generator").device))
         return real_rand(*args, **kwargs)
 
-    monkeypatch.setattr(draw.torch, "rand", spy)
+    monkeypatch.setattr(ops.torch, "rand", spy)
     x = gumbel_max(lp, torch.Generator().manual_seed(0))
-    assert dtypes == [torch.float64]
+    # float32 noise from a generator on the logits' device (derived from the caller's), never float64
+    assert calls == [(torch.float32, torch.device("cpu"))]
     freq = torch.bincount(x, minlength=4).double() / len(x)
     assert torch.allclose(freq, probs, atol=0.005)  # std ≤ 0.0012 at n = 200k
 

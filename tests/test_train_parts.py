@@ -2,8 +2,9 @@ import os
 
 import torch
 
+from prism.checkpoint import list_checkpoints
 from prism.distributed import EMA
-from prism.train import list_checkpoints, step_generator
+from prism.train import step_generator
 
 
 def test_ema_warmup_and_decay_hand_computed():
@@ -41,7 +42,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 
 def test_tied_weights_are_saved_once_and_restored(tmp_path):
     from prism.backbones.hf import HFBackbone
-    from prism.experiment import load_weights, parameter_aliases, save_weights
+    from prism.checkpoint import load_weights, parameter_aliases, save_weights
     from prism.model import MDM
 
     cfg = dict(model_type="llama", vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -67,7 +68,7 @@ def test_tied_weights_are_saved_once_and_restored(tmp_path):
 
 def test_mismatched_checkpoint_names_the_problem(tmp_path):
     from prism.backbones.dit import DiT
-    from prism.experiment import load_weights, save_weights
+    from prism.checkpoint import load_weights, save_weights
     from prism.model import MDM
 
     small = MDM(DiT(vocab_size=11, mask_id=0, preset="test"))

@@ -5,7 +5,8 @@ For a data sequence x:
 1. t ~ U[eps, 1], z ~ q(z_t | x) (the MDM's masking process);
 2. one forward pass on z gives the MDM loss on z and, detached, the posterior p_θ(· | z);
 3. n_y times: choose k masked positions of z and fill them with tokens drawn from that posterior
-   (float64 Gumbel, temperature, nucleus p), every other masked position stays masked: this is y;
+   (temperature, nucleus p; ``prism.ops.categorical_draw``, drawn at the masked positions only),
+   every other masked position stays masked: this is y;
 4. one batched forward pass on the n_y sequences y gives the quality logits g(y);
 
     L = mean over filled (y, i) of BCE(1[y_i = x_i], g_i(y))  +  λ · L_MDM(z).
@@ -14,7 +15,8 @@ Proposition 1: the minimiser is g_i(y) = p(x_i = y_i | y with position i masked)
 the head cannot tell its k − 1 companion fills from data tokens, and the minimiser is the posterior
 under the whole sampling process, P(x_i = y_i | y, i ∈ F) (enumerated in tests/test_prop1.py).
 
-Two backbone passes per step in all (the MDM term and the draw of y share the pass on z); both run in
+Two backbone passes per step in all (the MDM term and the draw of y share the pass on z; the pass on y
+asks an MDM for the quality only, without SUBS log-probs); both run in
 the one ``forward`` that ``prism.train`` wraps for DDP. With ``source='frozen'`` y is drawn from a frozen
 copy of the starting model instead (a third, gradient-free pass).
 """
@@ -30,8 +32,8 @@ from prism.calibration import expected_calibration_error
 from prism.losses.base import Loss, LossOutput
 from prism.losses.mdm import MDLMLoss
 from prism.masking import LOGLINEAR, NoiseSchedule, mask_tokens, sample_t
-from prism.samplers.draw import gumbel_max
-from prism.samplers.rules import select_top
+from prism.model import MDM
+from prism.ops import categorical_draw, select_top
 from registry import LOSSES
 
 POSITIONS = ("random", "confident", "leftmost_confident")
@@ -117,11 +119,14 @@ class PRISMLoss(Loss):
             self._frozen = [copy.deepcopy(model).eval().requires_grad_(False)]
 
     def draw_y(self, log_probs, x, z, masked, generator):
-        """Step 3 of Algorithm 1, n_y times: returns (y, filled, label) of shape (n_y·B, L)."""
+        """Step 3 of Algorithm 1, n_y times: returns (y, filled, label) of shape (n_y·B, L), copy j in
+        rows j·B … (j + 1)·B − 1. The n_y token draws read the same (B, L, V) log-probs, one after
+        another, at the masked positions only (elsewhere the token of z): no (n_y·B, L, V) copy."""
         rep = lambda a: a.repeat(self.n_y, *([1] * (a.dim() - 1)))  # noqa: E731
-        log_probs, x, z, masked = rep(log_probs), rep(x), rep(z), rep(masked)
-        tokens = gumbel_max(log_probs, generator, self.temperature, self.top_p).to(z.device)
-        token_lp = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        draws = [categorical_draw(log_probs, generator, self.temperature, self.top_p, positions=masked,
+                                  fill=z).to(z.device) for _ in range(self.n_y)]
+        token_lp = torch.cat([log_probs.gather(-1, d[..., None]).squeeze(-1) for d in draws])
+        tokens, x, z, masked = torch.cat(draws), rep(x), rep(z), rep(masked)
         filled = choose_fill_positions(self.positions, self.k, masked, token_lp, generator, self.window)
         y = torch.where(filled, tokens, z)
         return y, filled, (tokens == x) & filled
@@ -145,7 +150,9 @@ class PRISMLoss(Loss):
             y, filled, label = self.draw_y(log_probs, x, z, masked, generator)
         # pass 2 (on the n_y sequences y, batched): the quality head
         rep_mask = attention_mask.repeat(self.n_y, 1) if attention_mask is not None else None
-        out_y = model(y, attention_mask=rep_mask, t=t.repeat(self.n_y))
+        # an MDM skips the (n_y·B, L, V) SUBS log-probs this pass would throw away
+        only_quality = {"log_probs": False} if isinstance(model, MDM) else {}
+        out_y = model(y, attention_mask=rep_mask, t=t.repeat(self.n_y), **only_quality)
         logits = out_y.quality_logits[filled]
         target = label[filled].float()
         if logits.numel():

@@ -19,15 +19,16 @@ import torch.nn.functional as F
 from prism.calibration import expected_calibration_error
 from prism.losses.base import Loss, LossOutput
 from prism.masking import LOGLINEAR, NoiseSchedule, mask_tokens, sample_t
-from prism.samplers.draw import gumbel_max
+from prism.ops import categorical_draw
 from registry import LOSSES
 
 
 def fill_all(model, z: torch.Tensor, attention_mask, t, generator, temperature: float = 1.0, top_p: float = 1.0):
-    """x̂: every masked position of z drawn from the model's posterior in one pass (float64 Gumbel)."""
+    """x̂: every masked position of z drawn from the model's posterior in one pass
+    (``prism.ops.categorical_draw`` at the masked positions only; the others keep z's token)."""
     log_probs = model(z, attention_mask=attention_mask, t=t).log_probs
-    tokens = gumbel_max(log_probs, generator, temperature, top_p).to(z.device)
-    return torch.where(z == model.mask_id, tokens, z), log_probs
+    masked = z == model.mask_id
+    return categorical_draw(log_probs, generator, temperature, top_p, positions=masked, fill=z).to(z.device), log_probs
 
 
 @LOSSES.register("token_critic")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prism.samplers.draw import GumbelDraw
+from prism.samplers.draw import CategoricalDraw
 from prism.samplers.loop import Sampler
 from prism.samplers.remask import TokenCriticRemask
 from prism.samplers.rules import RandomUnmask
@@ -40,5 +40,5 @@ class TokenCriticSchedule(Schedule):
 @SAMPLERS.register("token_critic")
 def token_critic_sampler(steps: int = 51, temperature: float = 1.0, top_p: float = 1.0) -> Sampler:
     """Token-Critic sampling with ``models.mdm.critic``."""
-    return Sampler(TokenCriticSchedule(steps), RandomUnmask(), GumbelDraw(temperature, top_p), noise_removal=True,
+    return Sampler(TokenCriticSchedule(steps), RandomUnmask(), CategoricalDraw(temperature, top_p), noise_removal=True,
                    cache=True, remask_rule=TokenCriticRemask())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from prism.samplers.draw import GumbelDraw
+from prism.samplers.draw import CategoricalDraw
 from prism.samplers.loop import Sampler
 from prism.samplers.rules import RandomUnmask
 from prism.samplers.schedules import Schedule, StepPlan
@@ -63,4 +63,4 @@ class DFMSchedule(Schedule):
 def dfm_sampler(steps: int = 128, eps: float = 1e-5, temperature: float = 1.0, top_p: float = 1.0,
                 noise_removal: bool = True) -> Sampler:
     """The DFM corrector sampler (works at any nucleus p, including p = 1)."""
-    return Sampler(DFMSchedule(steps, eps), RandomUnmask(), GumbelDraw(temperature, top_p), noise_removal)
+    return Sampler(DFMSchedule(steps, eps), RandomUnmask(), CategoricalDraw(temperature, top_p), noise_removal)

@@ -1,8 +1,15 @@
-"""How tokens are drawn: Gumbel-max in float64 with temperature and nucleus (top-p) filtering.
+"""How tokens are drawn (the draw part of a sampler), only at the positions that may change:
 
-float64 matters: with float32 Gumbel noise, low-probability tokens are drawn measurably less often
-than they should be (Zheng et al. 2024, "Masked diffusion models are secretly time-agnostic masked
-models and exploit inaccurate categorical sampling"), which lowers diversity.
+    draws.categorical  the default: ``prism.ops.categorical_draw``, the inverse CDF in two levels
+                       (two float64 uniforms per position; float32 probabilities, float64 sums over blocks)
+    draws.gumbel       ``prism.ops.gumbel_max``: argmax of log p/τ + float32 Gumbel noise (one
+                       uniform per position and token: the same law, slower on a CPU)
+
+both with temperature τ and nucleus (top-p) filtering, on the gathered (N, V) rows of the positions
+drawn, with random numbers made on the logits' device. A draw part is called as
+``draw(log_probs, generator, positions=..., fill=...)``: ``log_probs`` (B, L, V), ``positions``
+(B, L) bool, the rows to draw (the loop passes its masked positions inside the step's window); the
+other positions of the returned (B, L) tokens hold ``fill`` (the loop's current state).
 """
 from __future__ import annotations
 
@@ -10,48 +17,30 @@ from typing import Optional
 
 import torch
 
+from prism.ops import categorical_draw, gumbel_max, nucleus_filter  # noqa: F401  (re-exported from prism.ops)
 from registry import DRAWS
 
 
-def nucleus_filter(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability sums to at least ``top_p`` (Holtzman et al.
-    2020); the rest get −inf. ``top_p >= 1`` keeps everything."""
-    if top_p >= 1.0:
-        return log_probs
-    sorted_lp, order = torch.sort(log_probs, dim=-1, descending=True)
-    cum = sorted_lp.exp().cumsum(-1)
-    # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
-    drop_sorted = (cum - sorted_lp.exp()) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return log_probs.masked_fill(drop, float("-inf"))
+@DRAWS.register("categorical")
+class CategoricalDraw:
+    """``categorical_draw`` (x = min{v : Σ_{u ≤ v} p_u > U·Σ p}, p ∝ softmax(log p/τ) in the nucleus)
+    with fixed temperature τ and nucleus p; τ = 0 is greedy argmax."""
 
-
-def gumbel_max(
-    log_probs: torch.Tensor,
-    generator: Optional[torch.Generator] = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-) -> torch.Tensor:
-    """Draw one token per position from softmax(log_probs / temperature) after nucleus filtering,
-    by argmax(log_probs + Gumbel noise) in float64. ``temperature == 0`` is greedy argmax."""
-    lp = log_probs.double()
-    if temperature == 0:
-        return nucleus_filter(lp, top_p).argmax(-1)
-    lp = torch.log_softmax(lp / temperature, dim=-1) if temperature != 1.0 else lp
-    lp = nucleus_filter(lp, top_p)
-    u = torch.rand(lp.shape, generator=generator, dtype=torch.float64).to(lp.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-    return (lp + gumbel).argmax(-1)
-
-
-@DRAWS.register("gumbel")
-class GumbelDraw:
-    """The draw part of a sampler: ``gumbel_max`` with fixed temperature and nucleus p."""
+    function = staticmethod(categorical_draw)
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0):
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         self.temperature, self.top_p = temperature, top_p
 
-    def __call__(self, log_probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return gumbel_max(log_probs, generator, self.temperature, self.top_p)
+    def __call__(self, log_probs: torch.Tensor, generator: Optional[torch.Generator] = None,
+                 positions: Optional[torch.Tensor] = None, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.function(log_probs, generator, self.temperature, self.top_p, positions, fill)
+
+
+@DRAWS.register("gumbel")
+class GumbelDraw(CategoricalDraw):
+    """``gumbel_max`` (argmax of log p/τ + Gumbel noise after the nucleus filter) with fixed
+    temperature τ and nucleus p."""
+
+    function = staticmethod(gumbel_max)

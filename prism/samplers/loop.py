@@ -3,7 +3,8 @@
 Each step: the schedule plans the step (how many positions each row unmasks and remasks, or with
 which probabilities, and optionally the window of positions it may touch) → one forward pass (or
 the last one again when the state has not changed) gives the unmasking posterior and, with a head,
-the per-token quality → the draw part draws tokens (float64 Gumbel-max) → the unmasking rule picks
+the per-token quality → the draw part draws tokens (``prism.samplers.draw``) at the masked positions
+inside the window only, nothing for the others → the unmasking rule picks
 which masked positions take them → the remasking rule picks which clean positions are masked again.
 Every decision is per sequence. Fixed positions (givens, prompts, padding) never change.
 """
@@ -14,8 +15,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from prism.samplers.draw import GumbelDraw
-from prism.samplers.rules import RandomUnmask, UnmaskRule, select_top
+from prism.samplers.draw import CategoricalDraw
+from prism.ops import select_top
+from prism.samplers.rules import RandomUnmask, UnmaskRule
 from prism.samplers.schedules import MDLMSchedule, Schedule
 from registry import SAMPLERS
 
@@ -95,14 +97,14 @@ class Sampler:
         self,
         schedule: Schedule,
         unmask_rule: Optional[UnmaskRule] = None,
-        draw: Optional[GumbelDraw] = None,
+        draw: Optional[CategoricalDraw] = None,
         noise_removal: bool = True,
         cache: bool = True,
         remask_rule=None,
     ):
         self.schedule = schedule
         self.unmask_rule = unmask_rule or RandomUnmask()
-        self.draw = draw or GumbelDraw()
+        self.draw = draw or CategoricalDraw()
         self.noise_removal, self.cache = noise_removal, cache
         self.remask_rule = remask_rule
 
@@ -133,8 +135,9 @@ class Sampler:
                 out = predict(plan.t)
             state.log_probs, state.token_log_probs = out.log_probs, getattr(out, "token_log_probs", None)
             state.quality = getattr(out, "quality_logits", None)
-            tokens = self.draw(out.log_probs, generator)
             window = plan.window if plan.window is not None else torch.ones_like(masked)
+            # tokens only where one may change (masked, in the window); elsewhere the state as it is
+            tokens = self.draw(out.log_probs, generator, positions=masked & window, fill=state.z)
             unmask = choose(plan.n_unmask, plan.p_unmask, masked & window,
                             lambda: self.unmask_rule.scores(out.log_probs, tokens, state.z, generator), generator)
             x_hat = torch.where(unmask, tokens, state.z)
@@ -174,5 +177,6 @@ def mdlm_sampler(
     noise=None,
 ) -> Sampler:
     """MDLM's ancestral sampler: ``schedules.mdlm`` (Binomial((α_s − α_t)/(1 − α_t)) unmasking) with
-    uniformly random positions, float64 Gumbel-max draws, caching of unchanged steps."""
-    return Sampler(MDLMSchedule(steps, eps, noise), RandomUnmask(), GumbelDraw(temperature, top_p), noise_removal)
+    uniformly random positions, categorical draws at the masked positions (``draws.categorical``),
+    caching of unchanged steps."""
+    return Sampler(MDLMSchedule(steps, eps, noise), RandomUnmask(), CategoricalDraw(temperature, top_p), noise_removal)

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from prism.samplers.draw import GumbelDraw
+from prism.samplers.draw import CategoricalDraw
 from prism.samplers.loop import Sampler
 from prism.samplers.remask import PRISMRemask, RandomRemask, RemaskRule
 from prism.samplers.rules import RandomUnmask, UnmaskRule
@@ -123,7 +123,7 @@ def prism_sampler(steps: int = 128, eta: Optional[float] = None, num_remask: Opt
     if loop_steps:
         rule = LoopAwareRemask(rule, steps, loop_choice)
     return Sampler(PRISMSchedule(steps, eta, num_remask, step_on, step_off, loop_steps, loop_remask),
-                   unmask_rule or RandomUnmask(), GumbelDraw(temperature, top_p), noise_removal, remask_rule=rule)
+                   unmask_rule or RandomUnmask(), CategoricalDraw(temperature, top_p), noise_removal, remask_rule=rule)
 
 
 @SAMPLERS.register("prism_owt")

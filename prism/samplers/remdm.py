@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from prism.masking import LOGLINEAR, NoiseSchedule
-from prism.samplers.draw import GumbelDraw
+from prism.samplers.draw import CategoricalDraw
 from prism.samplers.loop import Sampler
 from prism.samplers.rules import RandomUnmask
 from prism.samplers.schedules import Schedule, StepPlan
@@ -106,6 +106,6 @@ def remdm_sampler(steps: int = 128, strategy: str = "cap", eta: float = 0.02, t_
                   alpha_on: float = 0.9, eps: float = 1e-5, temperature: float = 1.0, top_p: float = 1.0,
                   noise_removal: bool = True, noise=None) -> Sampler:
     """ReMDM sampling (cap | rescale | conf | loop | forward_backward): ``schedules.remdm`` with
-    float64 Gumbel draws and nucleus ``top_p``."""
+    categorical draws (``draws.categorical``) and nucleus ``top_p``."""
     return Sampler(ReMDMSchedule(steps, strategy, eta, t_on, t_off, alpha_on, eps, noise), RandomUnmask(),
-                   GumbelDraw(temperature, top_p), noise_removal)
+                   CategoricalDraw(temperature, top_p), noise_removal)

@@ -7,20 +7,14 @@ from typing import Optional
 
 import torch
 
+from prism.ops import select_top  # noqa: F401  (re-exported: the loop and the tests import it from here)
 from registry import UNMASK_RULES
 
 
-def select_top(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: for each row b, the ``counts[b]`` candidate positions with the highest scores
-    (fewer if the row has fewer candidates)."""
-    scores = scores.double().masked_fill(~candidates, float("-inf"))
-    order = torch.argsort(scores, dim=1, descending=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return (rank < counts[:, None]) & candidates
-
-
 class UnmaskRule:
-    """``scores(log_probs, tokens, z, generator)`` → (B, L) float; higher unmasks first."""
+    """``scores(log_probs, tokens, z, generator)`` → (B, L) float; higher unmasks first. ``tokens``
+    are drawn only at the candidates (masked, inside the step's window); elsewhere they equal ``z``,
+    so only the candidates' scores are meaningful (the loop ignores the others)."""
 
     def scores(self, log_probs, tokens, z, generator: Optional[torch.Generator]) -> torch.Tensor:
         raise NotImplementedError
@@ -47,7 +41,7 @@ class MarginUnmask(UnmaskRule):
     """Largest gap between the two most probable tokens first (Kim et al. 2025, top-2 margin)."""
 
     def scores(self, log_probs, tokens, z, generator):
-        top2 = log_probs.exp().topk(2, dim=-1).values
+        top2 = log_probs.topk(2, dim=-1).values.exp()  # exp is monotone: no (B, L, V) exp needed
         return top2[..., 0] - top2[..., 1]
 
 

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from prism.samplers.draw import GumbelDraw
+from prism.samplers.draw import CategoricalDraw
 from prism.samplers.loop import Sampler
 from prism.samplers.remask import PRISMRemask, RemaskRule
 from prism.samplers.rules import ConfidenceUnmask, UnmaskRule
@@ -93,5 +93,5 @@ def semi_ar_sampler(steps: int = 128, block_length: int = 32, remask_per_block: 
     """LLaDA's semi-autoregressive sampler (most confident first, greedy by default) with
     ``remask_per_block`` remasks per block by ``remask_rule`` (default: the PRISM head)."""
     return Sampler(SemiARSchedule(steps, block_length, remask_per_block), unmask_rule or ConfidenceUnmask(),
-                   GumbelDraw(temperature, top_p), noise_removal=True, cache=True,
+                   CategoricalDraw(temperature, top_p), noise_removal=True, cache=True,
                    remask_rule=(remask_rule or PRISMRemask()) if remask_per_block else remask_rule)
