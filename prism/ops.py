@@ -38,10 +38,10 @@ def chunk_elements(device: torch.device) -> int:
 
 
 def device_generator(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:
-    """The generator for noise on ``device``: ``generator`` itself when it already lives on that
-    (non-CPU) device; otherwise a fresh ``torch.Generator(device)`` seeded by ONE 63-bit draw of
-    ``generator``, so a seeded CPU generator replays exactly, it advances by one number per call
-    whatever the amount of noise, and CUDA noise is made on the GPU (never copied over).
+    """The generator for a draw's random numbers on ``device``: ``generator`` itself when it already
+    lives on that (non-CPU) device; otherwise a fresh ``torch.Generator(device)`` seeded by ONE 63-bit
+    draw of ``generator``, so a seeded CPU generator replays exactly, it advances by one number per
+    call whatever the amount drawn, and CUDA random numbers are made on the GPU (never copied over).
     ``None`` stays ``None`` (the global RNG of ``device``)."""
     if generator is None:
         return None
@@ -56,7 +56,8 @@ def nucleus_filter(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Top-p filtering per row (Holtzman et al. 2020): keep the smallest set of most probable tokens
     whose probability sums to at least ``top_p``, give the rest −inf (a new tensor; the input is
     untouched; the mass is summed in float64). A token is dropped when the mass strictly before it
-    (in sorted order) already reaches ``top_p``, so the top token always stays. ``top_p >= 1`` returns the input."""
+    (in sorted order) already reaches ``top_p``, so the top token always stays. ``top_p >= 1``
+    returns the input."""
     if top_p >= 1.0:
         return log_probs
     sorted_lp, order = torch.sort(log_probs, dim=-1, descending=True)
