@@ -331,6 +331,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         # The operative config: every parameter actually used by what was built and run.
         write_text_atomic(os.path.join(output_dir, f"{args.command}_operative_config.gin"), gin.operative_config_str())
         write_text_atomic(os.path.join(output_dir, f"{args.command}_result.json"), json.dumps(result, indent=2, default=str))
+    # Every rank reaches the end before any tears its process group down: a gloo rank that destroys
+    # and exits while a peer is still writing can abort at exit (seen in CI).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"\n{args.command} done; everything it wrote is in {os.path.abspath(output_dir)}")
     return result

@@ -52,23 +52,38 @@ def device_generator(generator: Optional[torch.Generator], device: torch.device)
     return torch.Generator(device=device).manual_seed(seed)
 
 
+NUCLEUS_TOP_K = 1024  # nucleus_filter looks at the top-k tokens first; a full sort only if they fall short
+
+
+def _nucleus_drop_sorted(sorted_lp: torch.Tensor, top_p: float):
+    """Per row of descending log-probs: (drop rank r when Σ_{j < r} p_(j) ≥ top_p, whether the row's
+    mass reaches top_p); float64 sums."""
+    probs = sorted_lp.double().exp_()
+    through = probs.cumsum(-1)
+    return through.sub(probs) >= top_p, through[:, -1] >= top_p
+
+
 def nucleus_filter(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Top-p filtering per row (Holtzman et al. 2020): keep the smallest set of most probable tokens
     whose probability sums to at least ``top_p``, give the rest −inf (a new tensor; the input is
     untouched; the mass is summed in float64). A token is dropped when the mass strictly before it
     (in sorted order) already reaches ``top_p``, so the top token always stays. ``top_p >= 1``
-    returns the input."""
+    returns the input. The rows' ``NUCLEUS_TOP_K`` most probable tokens are looked at first; only
+    the rows whose nucleus is larger are sorted whole."""
     if top_p >= 1.0:
         return log_probs
-    sorted_lp, order = torch.sort(log_probs, dim=-1, descending=True)
-    probs = sorted_lp.double().exp_()  # float64 sums: with V ~ 10⁵ terms float32 would move the boundary
-    del sorted_lp
-    before = probs.cumsum(-1).sub_(probs)  # Σ_{j < r} p_(j)
-    del probs
-    drop_sorted = before >= top_p
-    del before
-    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return log_probs.masked_fill(drop, float("-inf"))
+    V = log_probs.shape[-1]
+    rows = log_probs.reshape(-1, V)
+    values, order = rows.topk(min(NUCLEUS_TOP_K, V), dim=-1)  # descending, as a sort's first k
+    drop, reached = _nucleus_drop_sorted(values, top_p)
+    out = torch.full_like(rows, float("-inf")).scatter_(-1, order, values.masked_fill(drop, float("-inf")))
+    if values.shape[-1] < V:
+        short = reached.logical_not().nonzero().squeeze(1)  # the top k hold less than top_p: sort whole
+        if short.numel():
+            values, order = torch.sort(rows[short], dim=-1, descending=True)
+            drop = torch.empty_like(values, dtype=torch.bool).scatter_(-1, order, _nucleus_drop_sorted(values, top_p)[0])
+            out[short] = rows[short].masked_fill(drop, float("-inf"))
+    return out.view(log_probs.shape)
 
 
 def _prepare(rows: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -221,6 +221,21 @@ def test_top_p_on_gathered_rows_equals_the_full_tensor_result():
         assert (x[~positions.expand(500, 2, 3)] == -1).all()
 
 
+def test_top_p_past_the_top_k_shortcut_equals_a_full_sort():
+    """At V above ops.NUCLEUS_TOP_K: peaked rows are filtered from their top k alone, flat rows (whose
+    nucleus is larger than k) fall back to the full sort; both give the full sort's result."""
+    V = 3 * ops.NUCLEUS_TOP_K
+    gen = torch.Generator().manual_seed(3)
+    peaked = (torch.randn(3, V, generator=gen, dtype=torch.float64) * 4).log_softmax(-1)
+    flat = (torch.randn(3, V, generator=gen, dtype=torch.float64) * 0.1).log_softmax(-1)
+    rows = torch.cat([peaked, flat]).float()
+    kept = torch.isfinite(nucleus_filter(rows, 0.9))
+    assert torch.equal(kept, torch.isfinite(old_nucleus_filter(rows.double(), 0.9)))
+    sizes = kept.sum(-1).tolist()
+    assert all(n < ops.NUCLEUS_TOP_K for n in sizes[:3]) and all(n > ops.NUCLEUS_TOP_K for n in sizes[3:])
+    assert torch.equal(nucleus_filter(rows, 0.9)[kept], rows[kept])  # kept values untouched
+
+
 # ---- the PRISM loss's n_y draws --------------------------------------------------------------
 
 def posterior(B, L, V, seed):
