@@ -62,6 +62,17 @@ def sample_t(
     return (1.0 - eps) * u + eps
 
 
+def limit_to_window(fixed: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """``fixed`` with every non-fixed position after the first ``window`` of its row also fixed (None:
+    unchanged). PRISM's LLaDA recipe masks only the first 512 answer tokens (``cumsum <= 512``): the
+    semi-AR sampler never shows the model a sequence masked further right than its window."""
+    if window is None:
+        return fixed
+    if window < 1:
+        raise ValueError(f"a mask window must be a positive number of positions, got {window}")
+    return fixed | ((~fixed).long().cumsum(1) > window)
+
+
 def mask_tokens(
     x: torch.Tensor,
     t: torch.Tensor,

@@ -110,20 +110,23 @@ def test_parameter_probe_sees_a_changed_element_and_nan_without_copying_to_float
     assert not torch.isfinite(parameter_probe([q], torch.device("cpu"))).all()
 
 
-@pytest.mark.parametrize("name,kind", [("fsdp2", "FSDP"), ("zero3", "DEEPSPEED"), ("zero2", "DEEPSPEED"), ("ddp", "MULTI_GPU")])
+@pytest.mark.parametrize("name,kind", [("fsdp2", "FSDP"), ("zero3", "DEEPSPEED"), ("zero2", "DEEPSPEED"), ("ddp", "MULTI_GPU"),
+                                       ("fsdp2_llada", "FSDP"), ("zero3_llada", "DEEPSPEED")])
 def test_shipped_accelerate_configs_parse(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
     import prism.backbones.dit as dit
+    import prism.backbones.llada as llada
     from conftest import REPO
 
     cfg = load_config_from_file(os.path.join(REPO, "accelerate_configs", f"{name}.yaml"))
     assert str(cfg.distributed_type).endswith(kind) and cfg.mixed_precision == "bf16"
-    if name == "fsdp2":
+    if name.startswith("fsdp2"):
         assert cfg.fsdp_config["fsdp_version"] == 2
-        assert hasattr(dit, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])  # the class to wrap exists
+        module = llada if name.endswith("llada") else dit
+        assert hasattr(module, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])  # the class to wrap exists
     if name.startswith("zero"):
-        assert cfg.deepspeed_config["zero_stage"] == int(name[-1])
+        assert cfg.deepspeed_config["zero_stage"] == int(name.split("_")[0][-1])
 
 
 def test_the_probe_reads_zero3_partitions_behind_their_empty_placeholders():

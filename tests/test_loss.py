@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from prism.losses.mdm import MDLMLoss
-from prism.masking import mask_tokens, sample_t
+from prism.masking import limit_to_window, mask_tokens, sample_t
 from prism.model import MDM, subs_log_probs
 from prism.backbones.dit import DiT
 
@@ -24,6 +25,35 @@ def test_nelbo_hand_computed():
     assert math.isclose(out.loss.item(), expected, rel_tol=1e-6)
     assert math.isclose(out.logs["masked_ce"].item(), (-math.log(0.7) - math.log(0.2) - math.log(0.6)) / 3, rel_tol=1e-6)
     assert math.isclose(out.logs["masked_acc"].item(), 2 / 3, rel_tol=1e-6)  # argmax right at (0,0) and (1,1)
+
+
+def test_nelbo_per_sequence_as_llada_sft():
+    """normalize='sequence': each row's Σ (1/t)·CE over its own count of maskable positions (the
+    answer with its EOS padding), then the mean over rows (LLaDA GUIDELINES.md)."""
+    x = torch.tensor([[0, 1, 0], [1, 1, 0]])
+    masked = torch.tensor([[True, False, True], [False, True, False]])
+    fixed = torch.tensor([[False, False, False], [False, False, True]])
+    t = torch.tensor([0.5, 0.25])
+    probs = torch.full((2, 3, 3), 1 / 3)
+    probs[0, 0] = torch.tensor([0.7, 0.3, 0.0])
+    probs[0, 2] = torch.tensor([0.2, 0.8, 0.0])
+    probs[1, 1] = torch.tensor([0.4, 0.6, 0.0])
+    out = MDLMLoss.nelbo(probs.log(), x, masked, fixed, 1 / t, normalize="sequence")
+    row0 = (-math.log(0.7) - math.log(0.2)) / 0.5 / 3  # 3 maskable positions
+    row1 = (-math.log(0.6)) / 0.25 / 2  # 2 maskable positions (the last is fixed)
+    assert math.isclose(out.loss.item(), (row0 + row1) / 2, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="normalize"):
+        MDLMLoss(normalize="batch")
+
+
+def test_mask_window_keeps_masks_among_the_first_answer_positions():
+    fixed = torch.tensor([[True, True, False, False, False, False], [True, False, False, False, False, False]])
+    limited = limit_to_window(fixed, 3)
+    assert limited.tolist() == [[True, True, False, False, False, True], [True, False, False, False, True, True]]
+    assert torch.equal(limit_to_window(fixed, None), fixed)
+    x = torch.zeros(2, 6, dtype=torch.long)
+    z, masked = mask_tokens(x, torch.ones(2), mask_id=9, fixed=limited, generator=torch.Generator().manual_seed(0))
+    assert masked.sum(1).tolist() == [3, 3] and not (masked & limited).any()  # t = 1: the whole window
 
 
 def test_subs_parameterisation():

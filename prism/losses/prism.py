@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from prism.calibration import expected_calibration_error
 from prism.losses.base import Loss, LossOutput
-from prism.losses.mdm import MDLMLoss
-from prism.masking import LOGLINEAR, NoiseSchedule, mask_tokens, sample_t
+from prism.losses.mdm import MDLMLoss, check_normalize
+from prism.masking import LOGLINEAR, NoiseSchedule, limit_to_window, mask_tokens, sample_t
 from prism.model import MDM
 from prism.ops import categorical_draw, select_top
 from registry import LOSSES
@@ -90,16 +90,20 @@ class PRISMLoss(Loss):
     ``n_y``: index sets (sequences y) per z; ``mdm_weight``: λ;
     ``temperature`` / ``top_p``: how y's tokens are drawn; ``positions``: 'random' | 'confident' |
     'leftmost_confident' (with ``window``); ``source``: 'model' (the current model, stop-gradient)
-    or 'frozen' (a frozen copy of the model as loaded from ``experiment.init_checkpoint``).
+    or 'frozen' (a frozen copy of the model as loaded from ``experiment.init_checkpoint``);
+    ``normalize`` / ``mask_window``: the MDM term's normalisation and masking window, as
+    ``losses.mdlm`` (LLaDA recipe: 'sequence' and 512).
     Which parameters train is ``experiment.trainable`` (head only, head + backbone, ...).
     """
 
     def __init__(self, k: Union[int, str] = 4, n_y: int = 1, mdm_weight: float = 5.0, temperature: float = 1.0,
                  top_p: float = 1.0, positions: str = "random", window: Optional[int] = None,
                  source: str = "model", eps: float = 1e-3, antithetic: bool = True,
-                 noise: Optional[NoiseSchedule] = None):
+                 noise: Optional[NoiseSchedule] = None, normalize: str = "tokens", mask_window: Optional[int] = None):
         super().__init__()
         check_k(k)
+        check_normalize(normalize)
+        self.normalize, self.mask_window = normalize, mask_window
         if n_y < 1 or mdm_weight < 0:
             raise ValueError(f"need n_y >= 1, mdm_weight >= 0; got {n_y}, {mdm_weight}")
         if positions not in POSITIONS:
@@ -132,7 +136,8 @@ class PRISMLoss(Loss):
         return y, filled, (tokens == x) & filled
 
     def forward(self, model, batch, generator) -> LossOutput:
-        x, fixed = batch["input_ids"], batch["fixed"]
+        x = batch["input_ids"]
+        fixed = limit_to_window(batch["fixed"], self.mask_window)
         attention_mask = batch.get("attention_mask")
         t = sample_t(x.shape[0], self.eps, self.antithetic, generator).to(x.device)
         z, masked = mask_tokens(x, t, model.mask_id, fixed, generator, self.noise)
@@ -140,7 +145,7 @@ class PRISMLoss(Loss):
         backbone_trains = any(p.requires_grad for p in model.backbone.parameters())
         with torch.set_grad_enabled(backbone_trains and torch.is_grad_enabled()):
             out_z = model(z, attention_mask=attention_mask, t=t)
-        mdm = MDLMLoss.nelbo(out_z.log_probs, x, masked, fixed, self.noise.weight(t))
+        mdm = MDLMLoss.nelbo(out_z.log_probs, x, masked, fixed, self.noise.weight(t), self.normalize)
         with torch.no_grad():
             if self.source == "frozen":
                 frozen = self._frozen[0].to(z.device)
