@@ -38,6 +38,7 @@ def build_experiment(
     key_map: Sequence[Tuple[str, Optional[str]]] = (),
     dtype: Optional[str] = None,
     init_adapter: Optional[str] = None,
+    adapter: Optional[Any] = None,
 ) -> Experiment:
     r"""Bind the parts of a run.
 
@@ -52,6 +53,9 @@ def build_experiment(
     checkpoint (e.g. ``['head']`` to fine-tune a pretrained MDM with a fresh quality head); they keep
     their own init. ``init_adapter``: an adapter-only file (``prism.checkpoint.save_adapter``) loaded
     on top of ``init_checkpoint``; each of its keys must name a parameter.
+    ``adapter``: parameter-efficient fine-tuning added once the base weights are loaded (before
+    ``init_adapter``), e.g. ``@adapters.lora()`` (``prism/adapters/lora.py``): the base is frozen and
+    only the adapter's weights and the quality head train, unless ``trainable`` says otherwise.
     ``trainable``: patterns of parameter names that train (e.g. ``['head']`` for the head only,
     ``['critic.*']`` for a Token-Critic on a frozen MDM); None trains everything.
     ``init_new`` and ``trainable`` match alike (``prism.checkpoint.matches``: globs, ``*`` crossing
@@ -68,10 +72,14 @@ def build_experiment(
         load_weights(model, init_checkpoint, new_modules=init_new, key_map=key_map, dtype=dtype)
     elif dtype is not None:
         model.to(dtype=as_dtype(dtype))
+    if adapter is not None:
+        adapter.apply(model)
     if init_adapter:
         load_adapter(model, init_adapter, key_map=key_map)
     if trainable is not None:
         set_trainable(model, trainable)
+    elif adapter is not None:
+        set_trainable(model, adapter.trainable_names(model))
     if loss is not None:
         loss.attach(model)
     return Experiment(model, task, loss, sampler, seed, init_checkpoint)

@@ -1,13 +1,18 @@
 """Export the latest (or a given) checkpoint of a training run as a standalone weights file.
 
     python -m prism.export runs/sudoku_mdm gin/sudoku/mdm.safetensors [--step N] [--only 'head.*' ...] [--dtype bfloat16]
+    python -m prism.export runs/llada_lora out.safetensors --merge
 
 Writes OUT (the checkpoint's ``weights.safetensors``: EMA weights when the run used EMA) and
 OUT with ``.json`` in place of ``.safetensors``: the step, the run's last logged metrics, the run
 information (versions, git commit, processes) and the operative gin config it was trained with.
 Both files are written to temporary names and renamed into place. ``--only`` keeps the weights whose
 names match the patterns (an adapter-only file, for ``experiment.init_adapter``); ``--dtype`` casts
-floating-point weights.
+floating-point weights. ``--merge`` rebuilds the run's model from the gin config it was trained with
+(its base weights from ``experiment.init_checkpoint``, its adapter), loads the checkpoint (a LoRA run's
+holds only the LoRA weights and the head) and writes full weights with every LoRA layer folded in
+(W + (alpha / rank)·B·A, ``prism.adapters.lora.merge_lora``): plain names that load into the same model
+built without ``experiment.adapter``.
 """
 from __future__ import annotations
 
@@ -20,7 +25,31 @@ from prism.checkpoint import copy_weights, list_checkpoints
 from prism.paths import write_text_atomic
 
 
-def export(run_dir: str, out: str, step: int | None = None, only: list | None = None, dtype: str | None = None) -> dict:
+def merge_checkpoint(run_dir: str, ckpt: str, out: str, config: str, dtype: str | None = None, user_dirs=()) -> int:
+    """Build the run's experiment from ``config`` (gin text), load ``ckpt`` onto it, merge its LoRA
+    layers and write the full weights to ``out``; returns how many layers were merged. Replaces the
+    process's gin config."""
+    import gin
+
+    from prism.adapters.lora import merge_lora
+    from prism.checkpoint import ADAPTER_KEY, file_metadata, load_weights, resolve_weights_path, save_weights
+    from prism.experiment import build_experiment
+    from registry import import_user_dir, load_builtin_components
+
+    load_builtin_components()
+    for d in user_dirs:
+        import_user_dir(d)
+    gin.clear_config()
+    gin.parse_config(config)
+    model = build_experiment().model
+    load_weights(model, ckpt, adapter=ADAPTER_KEY in file_metadata(resolve_weights_path(ckpt)))
+    merged = merge_lora(model)
+    save_weights(model.state_dict(), model, out, dtype=dtype)
+    return merged
+
+
+def export(run_dir: str, out: str, step: int | None = None, only: list | None = None, dtype: str | None = None,
+           merge: bool = False) -> dict:
     ckpts = list_checkpoints(run_dir)
     if step is not None:
         ckpts = [c for c in ckpts if c.endswith(f"{step:08d}")]
@@ -29,7 +58,10 @@ def export(run_dir: str, out: str, step: int | None = None, only: list | None = 
     ckpt = ckpts[-1]
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         state = json.load(f)
-    meta = {"source": os.path.relpath(ckpt), **state, **{k: v for k, v in (("only", only), ("dtype", dtype)) if v}}
+    if merge and only:
+        raise SystemExit("--merge writes full weights; it does not go with --only")
+    meta = {"source": os.path.relpath(ckpt), **state,
+            **{k: v for k, v in (("only", only), ("dtype", dtype), ("merged", merge)) if v}}
     for name in ("train_run_info.json",):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
@@ -41,7 +73,13 @@ def export(run_dir: str, out: str, step: int | None = None, only: list | None = 
         if os.path.exists(os.path.join(run_dir, name)):
             with open(os.path.join(run_dir, name)) as f:
                 meta[key] = f.read()
-    copy_weights(ckpt, out, only=only, dtype=dtype)
+    if merge:
+        if "config" not in meta:
+            raise SystemExit(f"--merge needs the run's gin config ({run_dir}/train_config.gin) to rebuild its model")
+        meta["merged_layers"] = merge_checkpoint(run_dir, ckpt, out, meta["config"], dtype,
+                                                 meta.get("run_info", {}).get("user_dirs", []))
+    else:
+        copy_weights(ckpt, out, only=only, dtype=dtype)
     write_text_atomic(os.path.splitext(out)[0] + ".json", json.dumps(meta, indent=2))
     return meta
 
@@ -53,8 +91,9 @@ def main(argv=None):
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--only", action="append", default=None, help="a pattern of weight names to keep (repeatable)")
     p.add_argument("--dtype", default=None, help="cast floating-point weights, e.g. bfloat16")
+    p.add_argument("--merge", action="store_true", help="fold a LoRA run's adapter into full weights (rebuilds its model)")
     args = p.parse_args(argv)
-    meta = export(args.run_dir, args.out, args.step, only=args.only, dtype=args.dtype)
+    meta = export(args.run_dir, args.out, args.step, only=args.only, dtype=args.dtype, merge=args.merge)
     print(f"exported step {meta['step']} of {args.run_dir} to {args.out}")
 
 

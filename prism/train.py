@@ -23,7 +23,9 @@ from accelerate.utils import broadcast_object_list
 import torch
 from torch import nn
 
-from prism.checkpoint import checkpoint_dirs, commit_checkpoint, list_checkpoints, load_ema, write_checkpoint_weights
+from prism.adapters import parameter_report
+from prism.checkpoint import (checkpoint_dirs, commit_checkpoint, keep_trainable_hook, list_checkpoints, load_ema,
+                              resume_load_kwargs, weights_to_save, write_checkpoint_weights)
 from prism.distributed import EMA, all_finite, as_scalar, layout, ranks_in_sync
 from prism.experiment import Experiment
 from prism.runlog import append_row, keep_rows_up_to, read_rows
@@ -57,12 +59,13 @@ class NonFiniteError(RuntimeError):
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, module: nn.Module, model: nn.Module,
-                    ema: Optional[EMA], keep: int, extra: dict) -> str:
+                    ema: Optional[EMA], keep: int, extra: dict, only=None) -> str:
     """``accelerator.save_state`` (each rank its part) and the gathered ``weights.safetensors`` (EMA
     values when the run keeps an EMA; ``prism.checkpoint.write_checkpoint_weights``) into a temporary
     directory, then an atomic rename: a crash while saving leaves the previous checkpoint intact and
     never a half-written one that looks complete. Refuses weights that are not finite, before touching
-    any checkpoint. Every rank must call it (gathering sharded weights is collective)."""
+    any checkpoint. Every rank must call it (gathering sharded weights is collective). ``only``: the
+    names of the weights to write (``prism.checkpoint.weights_to_save``; None: all)."""
     if not all_finite(accelerator, model):
         raise NonFiniteError(f"step {step}: the weights hold NaN or inf; no checkpoint was written and the "
                              f"earlier ones in {output_dir}/checkpoints are untouched")
@@ -71,7 +74,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, module: nn.Module, 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
-    write_checkpoint_weights(accelerator, module, model, ema, tmp)
+    write_checkpoint_weights(accelerator, module, model, ema, tmp, only=only)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, **extra}, f)
@@ -142,6 +145,7 @@ def train(
     max_minutes: Optional[float] = None,
     on_nonfinite: str = "stop",
     max_skipped_in_a_row: int = 10,
+    save_weights: str = "auto",
 ) -> Dict[str, float]:
     """Train ``exp.model`` with ``exp.loss`` on ``exp.task`` batches.
 
@@ -149,7 +153,10 @@ def train(
     batch_size × grad_accum × num_processes sequences. ``max_minutes`` stops early (with a
     checkpoint) so a long recipe can run in slices and resume. ``on_nonfinite``: 'stop' (raise
     ``NonFiniteError`` before the bad update) or 'skip' (drop the update, count it in ``skipped``;
-    stop after ``max_skipped_in_a_row``). ``max_grad_norm = None`` still measures the norm (to log and
+    stop after ``max_skipped_in_a_row``). ``save_weights``: what a checkpoint holds, 'all' weights,
+    'trainable' only the parameters that train (a LoRA run: the LoRA weights and the head; resume
+    loads them onto the base weights the experiment builds), or 'auto' (trainable when the model holds
+    an adapter, else all). ``max_grad_norm = None`` still measures the norm (to log and
     check it) without clipping. Returns the last logged metrics."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -169,6 +176,8 @@ def train(
     if num_threads:
         torch.set_num_threads(num_threads)
     model = exp.model
+    only = weights_to_save(model, save_weights)
+    accelerator.print(f"parameters: {parameter_report(model)}")
     module = TrainModule(model, exp.loss)
     accelerator.gradient_accumulation_steps = grad_accum
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
@@ -183,6 +192,8 @@ def train(
             train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=grad_accum,
             gradient_clipping=max_grad_norm or 0.0)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    # the state save_state writes holds only the trained weights too (the frozen base is not copied per checkpoint)
+    hook = accelerator.register_save_state_pre_hook(keep_trainable_hook) if only is not None else None
     ema = EMA(model, ema_decay) if ema_decay > 0 else None  # after prepare: beside each (sharded) parameter
 
     device = accelerator.device
@@ -191,7 +202,7 @@ def train(
     # the main process picks the checkpoint (a lagging file system must not give ranks different steps)
     ckpts = broadcast_object_list([list_checkpoints(output_dir)[-1:] if resume else []])[0]
     if ckpts:
-        accelerator.load_state(ckpts[-1])
+        accelerator.load_state(ckpts[-1], **resume_load_kwargs(module, ckpts[-1]))
         if ema is not None:
             load_ema(ema, ckpts[-1], accelerator)
         with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
@@ -283,12 +294,14 @@ def train(
         if step % save_every == 0 or step == steps or out_of_time:
             save_checkpoint(accelerator, output_dir, step, module, model, ema, keep_checkpoints,
                             {"world_size": world, "layout": kind, "elapsed_s": elapsed_before + time.time() - t_start,
-                             "metrics": last, "log_window": window.state(accelerator)})
+                             "metrics": last, "log_window": window.state(accelerator)}, only=only)
         if out_of_time:
             accelerator.print(f"max_minutes={max_minutes} reached at step {step}; resume with --resume")
             stopped_early = True
             break
     bar.close()
+    if hook is not None:
+        hook.remove()
     in_sync = ranks_in_sync(accelerator, model)
     last["ranks_in_sync"] = None if in_sync is None else float(in_sync)
     last["stopped_early"] = float(stopped_early)

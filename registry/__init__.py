@@ -8,6 +8,7 @@ makes ``backbones.dit`` usable from gin (``@backbones.dit()``, ``backbones.dit.n
 Python (``BACKBONES.build("dit", n_blocks=4)``).
 """
 from registry.core import (  # noqa: F401
+    ADAPTERS,
     BACKBONES,
     DRAWS,
     HEADS,

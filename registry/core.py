@@ -89,7 +89,9 @@ REMASK_RULES = Registry("remask_rules")
 DRAWS = Registry("draws")
 NOISE = Registry("noise")
 TASKS = Registry("tasks")
-REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, REMASK_RULES, DRAWS, NOISE, TASKS)}
+ADAPTERS = Registry("adapters")
+REGISTRIES = {r.kind: r for r in (BACKBONES, HEADS, LOSSES, SAMPLERS, SCHEDULES, UNMASK_RULES, REMASK_RULES, DRAWS, NOISE, TASKS,
+                                   ADAPTERS)}
 
 # The project's component packages. Every module below them is imported, so a new component file
 # (a task, a sampler, a loss) registers itself with no edit here, as fairseq imports every module of
