@@ -338,58 +338,6 @@ def write_checkpoint_weights(accelerator, module: torch.nn.Module, model: torch.
         save_weights(weights, model, os.path.join(directory, WEIGHTS), dtype=dtype, only=only)
 
 
-def weights_to_save(model: torch.nn.Module, mode: str) -> Optional[List[str]]:
-    """``train.save_weights``: 'all' → None (every weight); 'trainable' → the names of the parameters
-    that train (an adapter-only checkpoint: a LoRA run's LoRA weights and head); 'auto' → 'trainable'
-    when the model holds an adapter (``prism.adapters``), else 'all'."""
-    from prism.adapters import has_adapter
-
-    if mode not in ("all", "trainable", "auto"):
-        raise ValueError(f"train.save_weights = {mode!r}: use 'all', 'trainable' or 'auto'")
-    if mode == "all" or (mode == "auto" and not has_adapter(model)):
-        return None
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not names:
-        raise ValueError("train.save_weights = 'trainable', but no parameter of the model trains")
-    return names
-
-
-def keep_trainable_hook(models, weights, output_dir) -> None:
-    """An ``accelerator.register_save_state_pre_hook``: the model state ``save_state`` writes keeps only
-    the parameters that train (frozen base weights come from ``experiment.init_checkpoint`` again on
-    resume). Under FSDP / DeepSpeed, which write their own model files, ``weights`` is empty."""
-    for module, state in zip(models, weights):
-        keep = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
-        for key in [k for k in state if k not in keep]:
-            del state[key]
-
-
-def resume_load_kwargs(module: torch.nn.Module, ckpt: str) -> dict:
-    """Keyword arguments for ``accelerator.load_state(ckpt)``: ``strict=False`` for a checkpoint written
-    with only the trainable weights (its ``weights.safetensors`` is marked adapter-only), after checking
-    that every key in its model file names a weight of ``module`` and that every parameter that trains
-    is there; {} (a strict load) otherwise."""
-    model_file = os.path.join(ckpt, "model.safetensors")  # accelerate's own model file (none under FSDP / DeepSpeed)
-    weights_file = os.path.join(ckpt, WEIGHTS)
-    if not (os.path.exists(model_file) and os.path.exists(weights_file) and ADAPTER_KEY in file_metadata(weights_file)):
-        return {}
-    from prism.distributed import canonical_name
-
-    def plain(name: str) -> str:  # DDP's 'module.' and compile's wrapper names: the file and the module disagree
-        name = canonical_name(name)
-        return name[len("module."):] if name.startswith("module.") else name
-
-    with safe_open(model_file, framework="pt") as f:
-        keys = {plain(k) for k in f.keys()}
-    unexpected = sorted(keys - {plain(n) for n in module.state_dict()})
-    absent = sorted(plain(n) for n, p in module.named_parameters() if p.requires_grad and plain(n) not in keys)
-    if unexpected or absent:
-        raise ValueError(f"checkpoint {ckpt} (trainable weights only) does not fit the model: keys that name no weight: "
-                         f"{unexpected[:8]}; trained parameters it lacks: {absent[:8]}. Resume with the adapter, "
-                         "trainable patterns and model sizes the run was started with.")
-    return {"strict": False}
-
-
 def load_ema(ema, ckpt: str, accelerator) -> None:
     """Restore the EMA of a checkpoint (each rank its file; also checkpoints written before EMA files)."""
     from prism.distributed import EMA

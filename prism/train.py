@@ -15,18 +15,19 @@ import json
 import os
 import shutil
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import gin
 import numpy as np
 from accelerate.utils import broadcast_object_list
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from prism.adapters import parameter_report
-from prism.checkpoint import (checkpoint_dirs, commit_checkpoint, keep_trainable_hook, list_checkpoints, load_ema,
-                              resume_load_kwargs, weights_to_save, write_checkpoint_weights)
-from prism.distributed import EMA, all_finite, as_scalar, layout, ranks_in_sync
+from prism.adapters import has_adapter, parameter_report
+from prism.checkpoint import (ADAPTER_KEY, WEIGHTS, checkpoint_dirs, commit_checkpoint, file_metadata, list_checkpoints,
+                              load_ema, write_checkpoint_weights)
+from prism.distributed import EMA, all_finite, as_scalar, canonical_name, layout, ranks_in_sync
 from prism.experiment import Experiment
 from prism.runlog import append_row, keep_rows_up_to, read_rows
 
@@ -58,6 +59,54 @@ class NonFiniteError(RuntimeError):
     """A loss, gradient or weight turned NaN or inf; raised on every rank at the same step."""
 
 
+def weights_to_save(model: torch.nn.Module, mode: str) -> Optional[List[str]]:
+    """``train.save_weights``: 'all' → None (every weight); 'trainable' → the names of the parameters
+    that train (an adapter-only checkpoint: a LoRA run's LoRA weights and head); 'auto' → 'trainable'
+    when the model holds an adapter (``prism.adapters``), else 'all'."""
+    if mode not in ("all", "trainable", "auto"):
+        raise ValueError(f"train.save_weights = {mode!r}: use 'all', 'trainable' or 'auto'")
+    if mode == "all" or (mode == "auto" and not has_adapter(model)):
+        return None
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise ValueError("train.save_weights = 'trainable', but no parameter of the model trains")
+    return names
+
+
+def keep_trainable_hook(models, weights, output_dir) -> None:
+    """An ``accelerator.register_save_state_pre_hook``: the model state ``save_state`` writes keeps only
+    the parameters that train (frozen base weights come from ``experiment.init_checkpoint`` again on
+    resume). Under FSDP / DeepSpeed, which write their own model files, ``weights`` is empty."""
+    for module, state in zip(models, weights):
+        keep = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+        for key in [k for k in state if k not in keep]:
+            del state[key]
+
+
+def resume_load_kwargs(module: torch.nn.Module, ckpt: str) -> dict:
+    """Keyword arguments for ``accelerator.load_state(ckpt)``: ``strict=False`` for a checkpoint written
+    with only the trainable weights (its ``weights.safetensors`` is marked adapter-only), after checking
+    that every key in its model file names a weight of ``module`` and that every parameter that trains
+    is there; {} (a strict load) otherwise."""
+    model_file = os.path.join(ckpt, "model.safetensors")  # accelerate's own model file (none under FSDP / DeepSpeed)
+    weights_file = os.path.join(ckpt, WEIGHTS)
+    if not (os.path.exists(model_file) and os.path.exists(weights_file) and ADAPTER_KEY in file_metadata(weights_file)):
+        return {}
+    def plain(name: str) -> str:  # DDP's 'module.' and compile's wrapper names: the file and the module disagree
+        name = canonical_name(name)
+        return name[len("module."):] if name.startswith("module.") else name
+
+    with safe_open(model_file, framework="pt") as f:
+        keys = {plain(k) for k in f.keys()}
+    unexpected = sorted(keys - {plain(n) for n in module.state_dict()})
+    absent = sorted(plain(n) for n, p in module.named_parameters() if p.requires_grad and plain(n) not in keys)
+    if unexpected or absent:
+        raise ValueError(f"checkpoint {ckpt} (trainable weights only) does not fit the model: keys that name no weight: "
+                         f"{unexpected[:8]}; trained parameters it lacks: {absent[:8]}. Resume with the adapter, "
+                         "trainable patterns and model sizes the run was started with.")
+    return {"strict": False}
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, module: nn.Module, model: nn.Module,
                     ema: Optional[EMA], keep: int, extra: dict, only=None) -> str:
     """``accelerator.save_state`` (each rank its part) and the gathered ``weights.safetensors`` (EMA
@@ -65,7 +114,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, module: nn.Module, 
     directory, then an atomic rename: a crash while saving leaves the previous checkpoint intact and
     never a half-written one that looks complete. Refuses weights that are not finite, before touching
     any checkpoint. Every rank must call it (gathering sharded weights is collective). ``only``: the
-    names of the weights to write (``prism.checkpoint.weights_to_save``; None: all)."""
+    names of the weights to write (``weights_to_save``; None: all)."""
     if not all_finite(accelerator, model):
         raise NonFiniteError(f"step {step}: the weights hold NaN or inf; no checkpoint was written and the "
                              f"earlier ones in {output_dir}/checkpoints are untouched")

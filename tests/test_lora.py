@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from prism.adapters import has_adapter, parameter_counts, parameter_report
 from prism.adapters.lora import LoRA, lora_parameter_names, merge_lora, merged_state_dict
 from prism.backbones.dit import DiT
-from prism.checkpoint import (ADAPTER_KEY, load_adapter, load_latest, load_weights, resume_load_kwargs, save_adapter, save_weights,
-                              weights_to_save)
+from prism.checkpoint import ADAPTER_KEY, load_adapter, load_latest, load_weights, save_adapter, save_weights
+from prism.train import resume_load_kwargs, weights_to_save
 from prism.experiment import build_experiment
 from prism.heads.quality import LinearHead
 from prism.model import MDM
