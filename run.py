@@ -237,12 +237,12 @@ def check_eval_inputs(exp) -> None:
         raise SystemExit("run.eval_before_train / run.eval_after_train need experiment.sampler "
                          "(e.g. experiment.sampler = @samplers.mdlm())")
     try:
-        first = next(iter(exp.task.eval_batches(1)), None)
+        first = next(iter(exp.eval_task.eval_batches(1)), None)
     except (OSError, ValueError) as err:
         raise SystemExit(f"run.eval_before_train / run.eval_after_train is set, but the evaluation data cannot be "
                          f"read: {err}\n(checked before training, so no training step was spent)") from None
     if first is None:
-        raise SystemExit(f"run.eval_before_train / run.eval_after_train is set, but {type(exp.task).__name__} "
+        raise SystemExit(f"run.eval_before_train / run.eval_after_train is set, but {type(exp.eval_task).__name__} "
                          "has no evaluation batches")
 
 
@@ -278,15 +278,24 @@ def main(argv: Optional[List[str]] = None) -> dict:
         seed = 0
     set_seed(seed)  # same seed on every rank: identical initial weights (DDP also broadcasts them)
     exp = build_experiment()
+    if args.command == "eval" or (args.command == "train" and (opts["eval_before_train"] or opts["eval_after_train"])):
+        try:  # before any training or sampling: e.g. MBPP's opt-in to execute generated code
+            exp.eval_task.check_scoring()
+        except RuntimeError as err:
+            raise SystemExit(f"{args.command}: {err}") from None
     if args.command == "train":
         with accelerator.main_process_first():  # e.g. generate and cache data once, not once per rank
             exp.task.prepare()
+            if exp.eval_task is not exp.task and (opts["eval_before_train"] or opts["eval_after_train"]):
+                exp.eval_task.prepare()
         if opts["eval_before_train"] or opts["eval_after_train"]:
             check_eval_inputs(exp)  # before the first step, not after the last
         if args.overwrite and not args.resume and accelerator.is_main_process:
             clear_output_dir(output_dir)
         weights = exp.init_checkpoint or "random init"
     else:
+        with accelerator.main_process_first():
+            exp.eval_task.prepare()
         weights = load_run_weights(exp, output_dir, accelerator)
     set_seed(seed, device_specific=True)  # from here on (dropout, ...) each rank draws its own numbers
     accelerator.wait_for_everyone()

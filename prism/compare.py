@@ -139,7 +139,7 @@ def compare_rows(
         if wants_picture and accelerator.is_main_process and output_dir:
             path = os.path.join(output_dir, f"quality_{row_slug(row)}.png")
             index, tokens = _row_sample(output_dir, row, picture_index)
-            info = picture(exp.model, tokens, _conditioning(exp.task, index), path, title=f"{row}, sample {index}")
+            info = picture(exp.model, tokens, _conditioning(exp.eval_task, index), path, title=f"{row}, sample {index}")
             accelerator.print(f"[{row}] wrote {path}" + (f" {info}" if info else ""))
         if wants_picture:
             picture = None  # one picture

@@ -72,14 +72,16 @@ def generate_and_score(
     score: bool = True,
     tag: str = "",
 ) -> Dict[str, float]:
-    """Sample every conditioning batch of ``exp.task`` (the first ``limit`` sequences), write
+    """Sample every conditioning batch of ``exp.eval_task`` (the first ``limit`` sequences), write
     ``samples{tag}.jsonl`` and return the mean per-sample metrics, the corpus metrics, ``n``,
     ``nfe`` (mean forward passes per batch) and ``seconds`` (sampling and gathering, before the
     corpus metrics). ``score = False`` (``run.py sample``): no metrics of either level. The main
     process shows a progress bar over all batches, with the running means of its own."""
     if exp.sampler is None:
         raise ValueError("sampling needs experiment.sampler (e.g. experiment.sampler = @samplers.mdlm())")
-    task = exp.task
+    task = getattr(exp, "eval_task", None) or exp.task  # an experiment-like object without one: its task
+    if score:
+        task.check_scoring()  # e.g. code execution not allowed: say so before any sampling
     model = exp.model.to(accelerator.device).eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     records: List[dict] = []

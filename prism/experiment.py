@@ -23,6 +23,11 @@ class Experiment:
     sampler: Optional[Any]
     seed: int
     init_checkpoint: Optional[str]
+    eval_task: Optional[Task] = None  # what sample / eval (and train's evaluations) run on; None: ``task``
+
+    def __post_init__(self):
+        if self.eval_task is None:
+            self.eval_task = self.task
 
 
 @gin.configurable("experiment")
@@ -39,8 +44,13 @@ def build_experiment(
     dtype: Optional[str] = None,
     init_adapter: Optional[str] = None,
     adapter: Optional[Any] = None,
+    eval_task: Optional[Task] = None,
 ) -> Experiment:
     r"""Bind the parts of a run.
+
+    ``task``: what training draws batches from; ``eval_task``: what ``sample`` / ``eval`` (and the
+    evaluations around training) generate for and score, e.g. SFT pairs to train on and MBPP to
+    evaluate (default: ``task``).
 
     ``init_checkpoint``: weights to start from (a ``.safetensors`` file, a checkpoint directory of
     ``run.py train``, or a sharded model's directory with ``model.safetensors.index.json``), loaded
@@ -63,11 +73,12 @@ def build_experiment(
     parameter is an error.
     After the weights are loaded the loss may take what it needs from the model (``Loss.attach``:
     e.g. a frozen copy of the pretrained MDM)."""
-    if model.vocab_size < task.vocab_size or model.mask_id != task.mask_id:
-        raise ValueError(
-            f"model (vocab {model.vocab_size}, mask id {model.mask_id}) does not fit task "
-            f"{type(task).__name__} (vocab {task.vocab_size}, mask id {task.mask_id})"
-        )
+    for t in (task,) if eval_task is None else (task, eval_task):
+        if model.vocab_size < t.vocab_size or model.mask_id != t.mask_id:
+            raise ValueError(
+                f"model (vocab {model.vocab_size}, mask id {model.mask_id}) does not fit task "
+                f"{type(t).__name__} (vocab {t.vocab_size}, mask id {t.mask_id})"
+            )
     if init_checkpoint:
         load_weights(model, init_checkpoint, new_modules=init_new, key_map=key_map, dtype=dtype)
     elif dtype is not None:
@@ -82,7 +93,7 @@ def build_experiment(
         set_trainable(model, adapter.trainable_names(model))
     if loss is not None:
         loss.attach(model)
-    return Experiment(model, task, loss, sampler, seed, init_checkpoint)
+    return Experiment(model, task, loss, sampler, seed, init_checkpoint, eval_task)
 
 
 def set_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> int:

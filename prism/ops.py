@@ -58,7 +58,7 @@ NUCLEUS_TOP_K = 1024  # nucleus_filter looks at the top-k tokens first; a full s
 def _nucleus_drop_sorted(sorted_lp: torch.Tensor, top_p: float):
     """Per row of descending log-probs: (drop rank r when Σ_{j < r} p_(j) ≥ top_p, whether the row's
     mass reaches top_p); float64 sums."""
-    probs = sorted_lp.double().exp_()
+    probs = sorted_lp.to(torch.float64, copy=True).exp_()  # a copy: float64 input must stay untouched
     through = probs.cumsum(-1)
     return through.sub(probs) >= top_p, through[:, -1] >= top_p
 

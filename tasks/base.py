@@ -53,6 +53,10 @@ class Task:
         """Load or generate what the task needs (run on the main process first, then the others,
         so a cache is written once)."""
 
+    def check_scoring(self) -> None:
+        """Raise, with what to do about it, if this task's metrics cannot be computed here (e.g. MBPP
+        without the opt-in to execute generated code): called before any sampling that will be scored."""
+
     def train_batch(self, batch_size: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """One training batch, a deterministic function of ``generator``'s state (so a run resumes
         exactly and every rank sees its own data)."""

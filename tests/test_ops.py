@@ -234,6 +234,11 @@ def test_top_p_past_the_top_k_shortcut_equals_a_full_sort():
     sizes = kept.sum(-1).tolist()
     assert all(n < ops.NUCLEUS_TOP_K for n in sizes[:3]) and all(n > ops.NUCLEUS_TOP_K for n in sizes[3:])
     assert torch.equal(nucleus_filter(rows, 0.9)[kept], rows[kept])  # kept values untouched
+    for lp in (rows[:2], rows[:2].double(), rows[:2, :8].double()):  # float32 and float64, short rows too
+        copy = lp.clone()
+        out = nucleus_filter(lp, 0.9)
+        assert torch.equal(lp, copy)  # the input is not written
+        assert torch.equal(out[torch.isfinite(out)], lp[torch.isfinite(out)])  # log-probs kept as they were
 
 
 # ---- the PRISM loss's n_y draws --------------------------------------------------------------

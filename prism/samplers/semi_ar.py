@@ -1,17 +1,36 @@
 """Semi-autoregressive block sampling (LLaDA's ``generate``; PRISM's LLaDA experiment, Appendix D.6).
 
-The generated part of each sequence (from its first non-fixed position: the prompt is fixed) is cut
-into blocks of ``block_length`` decoded left to right, ``steps // n_blocks`` steps per block. Within
-a block the m masked positions are shared out over its S steps as LLaDA does (m // S each, the first
-m mod S steps one more), taken by the unmasking rule (LLaDA: the most confident, ``confidence``);
-``remask_per_block`` = K_block remasks are spread over the block's intermediate steps (not its first
-or last; the middle steps get the remainder), each chosen by the remasking rule among the block's
-clean tokens, and that step unmasks as many more. A block is complete when its steps end, and no
-position outside the current block is ever touched.
+Blocks. Each row's generated span runs from its first to its last non-fixed position; fixed positions
+before it (the prompt, left padding) and after it (right padding, fixed suffixes) belong to no block.
+The span is cut into blocks of ``block_length`` positions (the last may be shorter), decoded left to
+right; fixed positions inside the span stay in their block and are never touched.
+
+Steps. Every row spends all ``steps`` steps on its own blocks: with n blocks, each block gets
+``steps // n`` steps and the last ``steps mod n`` blocks one more (nothing is dropped; when n divides
+``steps`` this is LLaDA's plan). Each row is planned alone, so a row's decisions do not depend on
+its batch-mates' lengths; a row with more blocks than ``steps`` is refused.
+
+Within a block of m masked positions and S steps, step j unmasks LLaDA's share (m // S, the first
+m mod S steps one more; ``split_evenly``), taken by the unmasking rule (LLaDA: the most confident,
+``unmask_rules.confidence``). ``remask_per_block`` = K_block remasks are spread over the block's steps
+(``remask_spread``: 'inner', the intermediate steps 1 … S−2 with the remainder on the middle ones;
+'central', PRISM's LLaDA budget: K_block // S on every step, the remainder on the steps nearest the
+centre), each chosen by the remasking rule among the block's clean tokens, and that step unmasks as
+many more. ``remask_order``:
+
+    'after_unmask'   unmask, then remask among the tokens clean before the step; a step remasks no
+                     more than the block's later steps will unmask (none at the last step)
+    'before_unmask'  remask first, then unmask the share plus the remasks among the masked positions
+                     including those just remasked (refillable at once; the last step may remask too)
+
+Both read one forward pass. Every block ends fully unmasked; nothing outside the current block (and
+no fixed position) is ever touched. PRISM's released ``llada_inference`` remasks first but takes its
+unmasking candidates from before the remask, so its decisions are those of 'after_unmask' with the
+'central' budget (``gin/samplers/semi_ar_prism_authors.gin``).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -21,6 +40,8 @@ from prism.samplers.remask import PRISMRemask, RemaskRule
 from prism.samplers.rules import ConfidenceUnmask, UnmaskRule
 from prism.samplers.schedules import Schedule, StepPlan
 from registry import SAMPLERS, SCHEDULES
+
+ORDERS = ("after_unmask", "before_unmask")
 
 
 def split_evenly(m: torch.Tensor, steps: int) -> List[torch.Tensor]:
@@ -42,56 +63,110 @@ def spread_centered(k: int, steps: int) -> List[int]:
     return [0] + counts + [0]
 
 
+def spread_central(k: int, steps: int) -> List[int]:
+    """PRISM's LLaDA budget (its ``get_num_tokens_centered``): k // S on every step, then one more
+    on each of the k mod S steps nearest the centre (S−1)/2, the left one first on a tie."""
+    base, rem = divmod(k, steps)
+    centre = (steps - 1) / 2
+    extra = set(sorted(range(steps), key=lambda j: (abs(j - centre), j))[:rem])
+    return [base + (j in extra) for j in range(steps)]
+
+
+SPREADS = {"inner": spread_centered, "central": spread_central}
+
+
+def steps_per_block(steps: int, n_blocks: int) -> List[int]:
+    """``steps`` over ``n_blocks`` blocks: steps // n each, the last steps mod n blocks one more."""
+    base, rem = divmod(steps, n_blocks)
+    return [base + (b >= n_blocks - rem) for b in range(n_blocks)]
+
+
 @SCHEDULES.register("semi_ar")
 class SemiARSchedule(Schedule):
-    """Blocks of ``block_length``, ``steps`` in all, ``remask_per_block`` remasks per block."""
+    """Blocks of ``block_length``, ``steps`` in all, ``remask_per_block`` remasks per block spread by
+    ``remask_spread`` ('inner' | 'central') in ``remask_order`` ('after_unmask' | 'before_unmask')."""
 
-    def __init__(self, steps: int = 128, block_length: int = 32, remask_per_block: int = 0):
+    def __init__(self, steps: int = 128, block_length: int = 32, remask_per_block: int = 0,
+                 remask_order: str = "after_unmask", remask_spread: str = "inner"):
         if block_length < 1 or steps < 1:
             raise ValueError(f"need block_length >= 1 and steps >= 1, got {block_length}, {steps}")
+        if remask_per_block < 0:
+            raise ValueError(f"remask_per_block must be >= 0, got {remask_per_block}")
+        if remask_order not in ORDERS:
+            raise ValueError(f"remask_order must be one of {ORDERS}, got {remask_order!r}")
+        if remask_spread not in SPREADS:
+            raise ValueError(f"remask_spread must be one of {tuple(SPREADS)}, got {remask_spread!r}")
         self.n_steps, self.block_length, self.remask_per_block = steps, block_length, remask_per_block
+        self.remask_order, self.remask_spread = remask_order, remask_spread
         self.remasks = remask_per_block > 0
+        self._layouts = {}
 
     def time(self, i):
         return 1.0 - i / self.n_steps, 1.0 - (i + 1) / self.n_steps
 
     def blocks(self, fixed: torch.Tensor) -> torch.Tensor:
-        """(B, L) block index of every position (−1 before each row's first non-fixed position)."""
+        """(B, L) block index of every position: (pos − first free) // block_length inside each row's
+        span from its first to its last non-fixed position, −1 outside it."""
         B, L = fixed.shape
         pos = torch.arange(L, device=fixed.device).expand(B, L)
         free = ~fixed
-        start = torch.where(free.any(1), free.float().argmax(1), torch.full((B,), L, device=fixed.device))
-        return torch.where(pos >= start[:, None], (pos - start[:, None]) // self.block_length, torch.full_like(pos, -1))
+        start = torch.where(free, pos, torch.full_like(pos, L)).min(1).values
+        end = torch.where(free, pos, torch.full_like(pos, -1)).max(1).values  # last free (−1: none)
+        inside = (pos >= start[:, None]) & (pos <= end[:, None])
+        return torch.where(inside, (pos - start[:, None]) // self.block_length, torch.full_like(pos, -1))
+
+    def _layout(self, n_blocks: int) -> Tuple[List[int], List[int], List[int], List[int]]:
+        """Per step, for a row of ``n_blocks`` blocks: (block, step within it, its steps, remasks)."""
+        if n_blocks not in self._layouts:
+            self._layouts[n_blocks] = self._plan_row(n_blocks)
+        return self._layouts[n_blocks]
+
+    def _plan_row(self, n_blocks: int) -> Tuple[List[int], List[int], List[int], List[int]]:
+        if n_blocks == 0:
+            zeros = [0] * self.n_steps
+            return [-2] * self.n_steps, zeros, [1] * self.n_steps, zeros
+        if n_blocks > self.n_steps:
+            raise ValueError(f"steps = {self.n_steps} cannot cover {n_blocks} blocks of block_length = "
+                             f"{self.block_length}: need steps >= blocks (raise steps or block_length)")
+        block, within, length, remask = [], [], [], []
+        for b, S in enumerate(steps_per_block(self.n_steps, n_blocks)):
+            block += [b] * S
+            within += list(range(S))
+            length += [S] * S
+            remask += SPREADS[self.remask_spread](self.remask_per_block, S)
+        return block, within, length, remask
 
     def plans(self, state):
-        block_of = self.blocks(state.fixed)
-        n_blocks = int(block_of.max().item()) + 1 if bool((block_of >= 0).any()) else 0
-        if n_blocks == 0:
-            return
-        per_block = self.n_steps // n_blocks
-        if per_block < 1:
-            raise ValueError(f"{self.n_steps} steps cannot cover {n_blocks} blocks of {self.block_length}")
-        i = 0
-        for b in range(n_blocks):
-            window = (block_of == b) & ~state.fixed
-            m = (state.masked & window).sum(1)
-            shares = split_evenly(m, per_block)
-            remasks = spread_centered(self.remask_per_block, per_block)
-            for j in range(per_block):
-                t, s = self.time(i)
-                later = sum(shares[j + 1:], torch.zeros_like(m))  # a remask must be refillable in this block
-                clean_in_block = (state.clean & window).sum(1)
-                k = torch.minimum(torch.minimum(torch.full_like(m, remasks[j]), later), clean_in_block)
-                yield StepPlan(t, s, n_unmask=shares[j] + k, n_remask=k, window=window)
-                i += 1
+        fixed = state.fixed
+        block_of = self.blocks(fixed)
+        n_blocks = (block_of.max(1).values + 1).tolist()
+        layout = [self._layout(n) for n in n_blocks]  # refuses rows with more blocks than steps first
+        cols = [torch.tensor([row[f] for row in layout], dtype=torch.long, device=fixed.device) for f in range(4)]
+        block_at, within_at, length_at, remask_at = cols  # each (B, steps)
+        before = self.remask_order == "before_unmask"
+        m = torch.zeros(fixed.shape[0], dtype=torch.long, device=fixed.device)
+        for i in range(self.n_steps):
+            t, s = self.time(i)
+            j, S = within_at[:, i], length_at[:, i]
+            window = (block_of == block_at[:, i, None]) & ~fixed  # idle rows: block −2, an empty window
+            m = torch.where(j == 0, (state.masked & window).sum(1), m)  # masked at the block's start
+            base, rem = m // S, m % S
+            share = base + (j < rem).long()
+            k = torch.minimum(remask_at[:, i], (state.clean & window).sum(1))
+            if not before:  # a remask must be refillable by a later step of this block
+                k = torch.minimum(k, m - (j + 1) * base - torch.minimum(j + 1, rem))
+            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, remask_first=before)
 
 
 @SAMPLERS.register("semi_ar")
 def semi_ar_sampler(steps: int = 128, block_length: int = 32, remask_per_block: int = 0,
                     remask_rule: Optional[RemaskRule] = None, unmask_rule: Optional[UnmaskRule] = None,
-                    temperature: float = 0.0, top_p: float = 1.0) -> Sampler:
+                    temperature: float = 0.0, top_p: float = 1.0, remask_order: str = "after_unmask",
+                    remask_spread: str = "inner") -> Sampler:
     """LLaDA's semi-autoregressive sampler (most confident first, greedy by default) with
-    ``remask_per_block`` remasks per block by ``remask_rule`` (default: the PRISM head)."""
-    return Sampler(SemiARSchedule(steps, block_length, remask_per_block), unmask_rule or ConfidenceUnmask(),
-                   CategoricalDraw(temperature, top_p), noise_removal=True, cache=True,
+    ``remask_per_block`` remasks per block by ``remask_rule`` (default: the PRISM head), spread by
+    ``remask_spread`` and done after or before the step's unmasking (``remask_order``)."""
+    schedule = SemiARSchedule(steps, block_length, remask_per_block, remask_order, remask_spread)
+    return Sampler(schedule, unmask_rule or ConfidenceUnmask(), CategoricalDraw(temperature, top_p),
+                   noise_removal=True, cache=True,
                    remask_rule=(remask_rule or PRISMRemask()) if remask_per_block else remask_rule)
