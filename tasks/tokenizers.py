@@ -140,14 +140,16 @@ def special_ids(tokenizer, require: Iterable[str] = ("mask", "eos")) -> Dict[str
     """The special ids a masked-diffusion text task uses, as ``{'mask', 'eos', 'bos', 'eot'}``:
 
     - mask: the token ``<|mdm_mask|>`` (LLaDA's), else ``tokenizer.mask_token``;
-    - eos: ``tokenizer.eos_token``; bos: ``tokenizer.bos_token``;
+    - eos: the token ``<|endoftext|>`` when the vocabulary has it (GPT-2's; LLaDA's EOS, 126081, with
+      which its SFT pads answers, whatever the tokenizer names as ``eos_token``), else
+      ``tokenizer.eos_token``; bos: ``tokenizer.bos_token``;
     - eot (end of turn): the token ``<|eot_id|>``.
 
     Missing ones are None; a name in ``require`` that is missing raises a ValueError naming it."""
     vocab = tokenizer.get_vocab()  # added tokens included (convert_tokens_to_ids would answer unk's id)
     ids: Dict[str, Optional[int]] = {
         "mask": vocab.get(MASK_TOKEN),
-        "eos": tokenizer.eos_token_id,
+        "eos": vocab.get("<|endoftext|>", tokenizer.eos_token_id),
         "bos": tokenizer.bos_token_id,
         "eot": vocab.get(EOT_TOKEN),
     }

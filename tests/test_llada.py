@@ -196,6 +196,16 @@ def test_bad_checkpoints_name_the_key(tmp_path):
         LLaDABackbone(model_name_or_path=str(bad))
     with pytest.raises(ValueError, match="weight_tying"):
         LLaDABackbone(preset="tiny", config=dict(weight_tying=True))
+    # the released config.json's other keys, nulls included, are accepted (null = the default)
+    released = tmp_path / "released_keys"
+    save_released_layout(bb, released)
+    cfg = json.loads((released / "config.json").read_text())
+    cfg.update({"multi_query_attention": None, "clip_qkv": None, "alibi": False, "rope": True, "block_type": "llama",
+                "layer_norm_type": "rms", "activation_type": "silu", "block_group_size": 1, "scale_logits": False,
+                "attention_layer_norm": False, "input_emb_norm": False, "include_bias": False, "weight_tying": False,
+                "architectures": ["LLaDAModelLM"], "model_type": "llada", "init_device": "meta"})
+    (released / "config.json").write_text(json.dumps(cfg))
+    assert LLaDABackbone(model_name_or_path=str(released), dtype="float32").vocab_size == bb.vocab_size
 
 
 def test_bf16_load_is_built_on_meta_and_fed_bf16_shards(tmp_path, monkeypatch):

@@ -310,7 +310,7 @@ def test_remasking_samplers_compose_from_gin(tiny_gin, tmp_path, sampler_gin, bi
 
 SAMPLER_GINS = sorted(f for f in os.listdir(os.path.join(REPO, "gin", "samplers")) if f.endswith(".gin"))
 # settings a file needs on the 89-token tiny task (semi-AR: whole blocks, steps a multiple of their number)
-SAMPLER_BINDS = {"semi_ar.gin": ["BLOCK_LENGTH = 10", "STEPS = 27"]}
+SAMPLER_BINDS = {"semi_ar.gin": ["BLOCK_LENGTH = 10", "STEPS = 27"], "semi_ar_prism_authors.gin": ["STEPS = 27"]}
 
 
 @pytest.mark.parametrize("sampler_gin", SAMPLER_GINS)

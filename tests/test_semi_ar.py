@@ -191,13 +191,11 @@ def test_too_few_steps_are_refused_by_name():
     b, _ = padded([3], [24], "right")
     with pytest.raises(ValueError, match=r"steps = 2 cannot cover 3 blocks of block_length = 8"):
         semi_ar_sampler(steps=2, block_length=8)(ToyLM(), b)
-    with pytest.raises(ValueError, match="remask_order"):
-        SemiARSchedule(remask_order="first")
     with pytest.raises(ValueError, match="remask_spread"):
         SemiARSchedule(remask_spread="middle")
 
 
-# ---- 3/4. remasking orders on hand-computed cases ------------------------------------------------
+# ---- 3/4. remasking on hand-computed cases ------------------------------------------------
 
 class TableModel:
     """One prompt position then a block of 4. Every masked position p predicts token 1 with
@@ -222,11 +220,11 @@ class TableModel:
         return SimpleNamespace(log_probs=p.log(), quality_logits=self.QUALITY.expand(z.shape).clone())
 
 
-def run_table(order, k_block, spread, clean_conf=None, steps=4):
+def run_table(k_block, spread, clean_conf=None, steps=4):
     ids = torch.tensor([[3, 0, 0, 0, 0]])
     fixed = torch.tensor([[True, False, False, False, False]])
     sampler = semi_ar_sampler(steps=steps, block_length=4, remask_per_block=k_block, remask_rule=PRISMRemask(),
-                              remask_order=order, remask_spread=spread)
+                              remask_spread=spread)
     out = sampler(TableModel(clean_conf), {"input_ids": ids, "fixed": fixed}, None, trace=True)
     assert out.tokens[0, 0] == 3 and (out.tokens != MASK).all()  # the block ends fully unmasked
     where = lambda m: sorted(m[0].nonzero().flatten().tolist())  # noqa: E731
@@ -235,41 +233,31 @@ def run_table(order, k_block, spread, clean_conf=None, steps=4):
 
 # (unmasked, remasked) per step; confidence order 1 > 3 > 4 > 2, quality order 1 < 3 < 4 < 2
 HAND = {
-    # K = 2 on the inner steps [0, 1, 1, 0], one share a step. After: step 1 unmasks 2 among {2, 3, 4}
+    # K = 2 on the inner steps [0, 1, 1, 0], one share a step: step 1 unmasks 2 among {2, 3, 4}
     # (3, 4) and remasks the only token clean before it (1); step 2 refills 1 and 2, remasks 3 (the
     # lower quality of 3, 4); step 3 unmasks 3.
-    ("after_unmask", 2, "inner", None): [([1], []), ([3, 4], [1]), ([1, 2], [3]), ([3], [])],
-    # Before: step 1 remasks 1, then unmasks 2 among {1, 2, 3, 4}: 1 (refilled at once) and 3;
-    # step 2 remasks 1 (quality −1 < 0) and refills it with 4; step 3 unmasks 2.
-    ("before_unmask", 2, "inner", None): [([1], []), ([1, 3], [1]), ([1, 4], [1]), ([2], [])],
-    # the central budget K = 4 over S = 4 is one a step, the last step too. After: none at step 0
-    # (nothing clean) and none at step 3 (no later step to refill it).
-    ("after_unmask", 4, "central", None): [([1], []), ([3, 4], [1]), ([1, 2], [3]), ([3], [])],
-    # Before: steps 1-3 each remask 1 and refill it; the last step remasks and still ends clean.
-    ("before_unmask", 4, "central", None): [([1], []), ([1, 3], [1]), ([1, 4], [1]), ([1, 2], [1])],
-    # a clean position predicts with 0.5 only: step 1 remasks 1 and unmasks the two most confident
-    # masks 3 (.8), 4 (.7) over it (.5); step 2 remasks 3 (0 < 1 < 2 among {3, 4}) and unmasks 1 (.9),
-    # 2 (.6); step 3 unmasks 3 again.
-    ("before_unmask", 2, "inner", 0.5): [([1], []), ([3, 4], [1]), ([1, 2], [3]), ([3], [])],
+    (2, "inner", None): [([1], []), ([3, 4], [1]), ([1, 2], [3]), ([3], [])],
+    # the central budget K = 4 over S = 4 is one a step: none at step 0 (nothing clean) and none at
+    # step 3 (no later step to refill it).
+    (4, "central", None): [([1], []), ([3, 4], [1]), ([1, 2], [3]), ([3], [])],
+    # K = 1 centrally: the single remask on step 1 (the left of the two central steps)
+    (1, "central", None): [([1], []), ([3, 4], [1]), ([1], []), ([2], [])],
 }
 
 
 @pytest.mark.parametrize("case", list(HAND))
-def test_remask_orders_by_hand(case):
-    order, k_block, spread, clean_conf = case
-    steps, out = run_table(order, k_block, spread, clean_conf)
+def test_remasking_by_hand(case):
+    k_block, spread, clean_conf = case
+    steps, out = run_table(k_block, spread, clean_conf)
     assert steps == HAND[case]
     assert out.nfe == 4  # one forward pass a step, none for the final denoising
 
 
-def test_refilled_position_takes_the_token_of_the_same_pass():
-    # clean positions predict token 2 at 0.95 (clean_conf 0): under 'before_unmask' position 1,
-    # remasked at steps 1 and 2, is refilled at once with token 2 (the most confident candidate);
-    # under 'after_unmask' it waits a step and is refilled from the masked prediction (token 1)
-    steps, out = run_table("before_unmask", 2, "inner", clean_conf=0.0)
-    assert steps == [([1], []), ([1, 3], [1]), ([1, 4], [1]), ([2], [])]
-    assert out.tokens[0].tolist() == [3, 2, 1, 1, 1]
-    steps, out = run_table("after_unmask", 2, "inner", clean_conf=0.0)
+def test_a_remasked_position_is_refilled_from_the_masked_prediction():
+    # clean positions predict token 2 at 0.95 (clean_conf 0): position 1, remasked at step 1, is
+    # refilled a step later from the prediction at a MASKED position (token 1), never from the pass
+    # that saw it clean
+    steps, out = run_table(2, "inner", clean_conf=0.0)
     assert steps == [([1], []), ([3, 4], [1]), ([1, 2], [3]), ([3], [])]
     assert out.tokens[0].tolist() == [3, 1, 1, 1, 1]
 
@@ -278,19 +266,18 @@ def test_spreads_and_counts_per_step():
     assert spread_central(12, 16) == [0, 0] + [1] * 12 + [0, 0]  # the paper's 12 per block over 16 steps
     assert spread_central(3, 8) == [0, 0, 1, 1, 1, 0, 0, 0] and spread_central(9, 4) == [2, 3, 2, 2]
     assert spread_central(1, 8) == [0, 0, 0, 1, 0, 0, 0, 0]  # tie at 3.5: the left step
-    for order in ("after_unmask", "before_unmask"):
+    for order in ("after_unmask",):
         for spread in ("inner", "central"):
             b, _ = padded([3, 5], [24, 19], "right")
-            sampler = semi_ar_sampler(steps=12, block_length=8, remask_per_block=3, remask_order=order,
+            sampler = semi_ar_sampler(steps=12, block_length=8, remask_per_block=3,
                                       remask_spread=spread, remask_rule=PRISMRemask())
             out = sampler(ToyLM(), b, torch.Generator().manual_seed(0), trace=True)
             assert (out.tokens != MASK).all() and (out.tokens[b["fixed"]] == b["input_ids"][b["fixed"]]).all()
             for st in out.trace:
                 z, un, re = st["z"], st["unmasked"], st["remasked"]
                 assert not (re & (z == MASK)).any() and not (re & b["fixed"]).any()  # only clean tokens
-                assert not (un & (z != MASK) & ~re).any()  # unmasks masked (or just remasked) positions
-                if order == "after_unmask":
-                    assert not (un & re).any()
+                assert not (un & (z != MASK)).any()  # unmasks masked positions only
+                assert not (un & re).any()
                 for r in range(2):  # all touched positions lie in one block; earlier ones are done
                     touched = (un[r] | re[r]).nonzero().flatten()
                     if len(touched):
@@ -313,8 +300,7 @@ def test_gin_baselines_compose():
         finally:
             gin.clear_config()
         s = sampler.schedule
-        assert (s.n_steps, s.block_length, s.remask_per_block, s.remask_spread, s.remask_order) == (
-            256, 64, k, "central", "after_unmask")
+        assert (s.n_steps, s.block_length, s.remask_per_block, s.remask_spread) == (256, 64, k, "central")
         assert type(sampler.remask_rule).__name__ == rule and s.remasks == (k > 0)
 
 
@@ -356,7 +342,7 @@ def test_released_prism_llada_order_is_after_unmask_with_the_central_budget():
     x0 = torch.cat([prompt, torch.full((3, 16), MASK, dtype=torch.long)], 1)
     ref_x, ref_log = prism_llada_inference(model, x0, 4, steps=16, block_length=8, n_blocks=2, k_block=3)
     sampler = semi_ar_sampler(steps=16, block_length=8, remask_per_block=3, remask_rule=PRISMRemask(),
-                              remask_order="after_unmask", remask_spread="central")
+                              remask_spread="central")
     out = sampler(model, semi_ar_batch(prompt, seen, 16), None, trace=True)
     assert sum(int(g.sum()) for _, g in ref_log) == 3 * 2 * 3  # the budget was spent
     for i, (st, (taken, gone)) in enumerate(zip(out.trace, ref_log)):

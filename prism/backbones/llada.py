@@ -94,7 +94,8 @@ def resolve_config(preset: Optional[str] = None, base: Optional[Dict[str, Any]] 
         raise ValueError(f"backbones.llada needs {missing} (give a preset: {', '.join(PRESETS)}, a checkpoint "
                          "directory with config.json, or backbones.llada.config)")
     for key, want in REQUIRED_VALUES.items():
-        if key in cfg and cfg[key] != want:
+        # null means the modeling code's default (the released config.json has "multi_query_attention": null)
+        if cfg.get(key) is not None and cfg[key] != want:
             raise ValueError(f"backbones.llada supports only {key}={want!r} (the released LLaDA-8B architecture); "
                              f"the config has {key}={cfg[key]!r}")
     cfg["n_kv_heads"] = cfg.get("n_kv_heads") or cfg["n_heads"]

@@ -6,8 +6,6 @@ the last one again when the state has not changed) gives the unmasking posterior
 the per-token quality → the draw part draws tokens (``prism.samplers.draw``) at the masked positions
 inside the window only, nothing for the others → the unmasking rule picks
 which masked positions take them → the remasking rule picks which clean positions are masked again.
-A plan with ``remask_first`` swaps the last two: the remasking rule picks first (from the same
-forward pass) and the positions it remasks join the unmasking candidates of that step.
 Every decision is per sequence. Fixed positions (givens, prompts, padding) never change.
 """
 from __future__ import annotations
@@ -28,8 +26,7 @@ from registry import SAMPLERS
 class SampleOutput:
     """``tokens``: (B, L) final sequences; ``nfe``: network passes actually run (MDM passes plus
     any Token-Critic passes); ``trace``: per step, the state before the step, the quality the step
-    saw and the positions it unmasked and remasked (if asked; under ``remask_first`` a position
-    remasked and refilled in the same step is in both)."""
+    saw and the positions it unmasked and remasked (if asked)."""
 
     tokens: torch.Tensor
     nfe: int
@@ -139,36 +136,30 @@ class Sampler:
             state.log_probs, state.token_log_probs = out.log_probs, getattr(out, "token_log_probs", None)
             state.quality = getattr(out, "quality_logits", None)
             window = plan.window if plan.window is not None else torch.ones_like(masked)
-            if plan.may_remask and self.remask_rule is None and plan.n_remask is not None:
-                raise ValueError("this schedule remasks by count: give the sampler a remask_rule")
-
-            def remask_scores(x):
-                nonlocal nfe
-                nfe += getattr(self.remask_rule, "extra_passes", 0)
-                return self.remask_rule.scores(model, state, x, generator)
-
-            first = plan.may_remask and plan.remask_first
-            remask = torch.zeros_like(masked)
-            if first:  # remask first: the rule reads the state before the step
-                remask = choose(plan.n_remask, plan.p_remask, clean & window, lambda: remask_scores(state.z), generator)
-            open_ = (masked | remask) & window
             # tokens only where one may change (masked, in the window); elsewhere the state as it is
-            tokens = self.draw(out.log_probs, generator, positions=open_, fill=state.z)
-            unmask = choose(plan.n_unmask, plan.p_unmask, open_,
+            tokens = self.draw(out.log_probs, generator, positions=masked & window, fill=state.z)
+            unmask = choose(plan.n_unmask, plan.p_unmask, masked & window,
                             lambda: self.unmask_rule.scores(out.log_probs, tokens, state.z, generator), generator)
             x_hat = torch.where(unmask, tokens, state.z)
-            if plan.may_remask and not first:
+            remask = torch.zeros_like(unmask)
+            if plan.may_remask:
+                if self.remask_rule is None and plan.n_remask is not None:
+                    raise ValueError("this schedule remasks by count: give the sampler a remask_rule")
                 candidates = ((x_hat != mask_id) & ~fixed if plan.remask_fresh else clean) & window
-                remask = choose(plan.n_remask, plan.p_remask, candidates, lambda: remask_scores(x_hat), generator)
+
+                def remask_scores():
+                    nonlocal nfe
+                    nfe += getattr(self.remask_rule, "extra_passes", 0)
+                    return self.remask_rule.scores(model, state, x_hat, generator)
+
+                remask = choose(plan.n_remask, plan.p_remask, candidates, remask_scores, generator)
             if trace:
                 steps.append({"step": i, "t": plan.t, "z": state.z.cpu().clone(), "unmasked": unmask.cpu().clone(),
                               "remasked": remask.cpu().clone(),
                               "quality": None if state.quality is None else torch.sigmoid(state.quality.float()).cpu().clone()})
             token_p = out.log_probs.gather(-1, tokens[..., None]).squeeze(-1).double().exp()
-            # a position remasked and then refilled in the same step (remask_first) keeps its new token
-            drop = remask & ~unmask if first else remask
-            state.confidence = torch.where(unmask, token_p, state.confidence).masked_fill(drop, float("nan"))
-            new_z = torch.where(drop, torch.full_like(x_hat, mask_id), x_hat)
+            state.confidence = torch.where(unmask, token_p, state.confidence).masked_fill(remask, float("nan"))
+            new_z = torch.where(remask, torch.full_like(x_hat, mask_id), x_hat)
             if not torch.equal(new_z, state.z):
                 state.z = new_z
                 out = None

@@ -23,9 +23,7 @@ class StepPlan:
     (B, L): every candidate position independently). Unmasking candidates are the masked positions,
     remasking candidates the clean generated positions before the step (``remask_fresh``: also those
     unmasked in this step, as Token-Critic re-decides every position); both within ``window``
-    ((B, L) bool, e.g. the current semi-autoregressive block) when given. ``remask_first``: the
-    step remasks before it unmasks (PRISM's LLaDA order as described: the positions just remasked
-    are unmasking candidates again in the same step, so one may be refilled at once)."""
+    ((B, L) bool, e.g. the current semi-autoregressive block) when given."""
 
     t: float
     s: float
@@ -35,7 +33,6 @@ class StepPlan:
     p_remask: Optional[torch.Tensor] = None
     window: Optional[torch.Tensor] = None
     remask_fresh: bool = False
-    remask_first: bool = False
 
     @property
     def may_remask(self) -> bool:

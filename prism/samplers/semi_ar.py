@@ -15,18 +15,15 @@ m mod S steps one more; ``split_evenly``), taken by the unmasking rule (LLaDA: t
 ``unmask_rules.confidence``). ``remask_per_block`` = K_block remasks are spread over the block's steps
 (``remask_spread``: 'inner', the intermediate steps 1 … S−2 with the remainder on the middle ones;
 'central', PRISM's LLaDA budget: K_block // S on every step, the remainder on the steps nearest the
-centre), each chosen by the remasking rule among the block's clean tokens, and that step unmasks as
-many more. ``remask_order``:
+centre), each chosen by the remasking rule among the tokens clean before the step (from the same
+forward pass), and that step unmasks as many more; a step remasks no more than the block's later
+steps will unmask (none at the last step). Every block ends fully unmasked; nothing outside the
+current block (and no fixed position) is ever touched.
 
-    'after_unmask'   unmask, then remask among the tokens clean before the step; a step remasks no
-                     more than the block's later steps will unmask (none at the last step)
-    'before_unmask'  remask first, then unmask the share plus the remasks among the masked positions
-                     including those just remasked (refillable at once; the last step may remask too)
-
-Both read one forward pass. Every block ends fully unmasked; nothing outside the current block (and
-no fixed position) is ever touched. PRISM's released ``llada_inference`` remasks first but takes its
-unmasking candidates from before the remask, so its decisions are those of 'after_unmask' with the
-'central' budget (``gin/samplers/semi_ar_prism_authors.gin``).
+PRISM's released ``llada_inference`` remasks first but takes its unmasking candidates from before the
+remask, so its decisions are these with the 'central' budget (``gin/samplers/semi_ar_prism_authors.gin``).
+Refilling a just-remasked position in the same step is not offered: under SUBS the pass that chose it
+saw the token clean, so its posterior there is the token itself and the refill would change nothing.
 """
 from __future__ import annotations
 
@@ -40,9 +37,6 @@ from prism.samplers.remask import PRISMRemask, RemaskRule
 from prism.samplers.rules import ConfidenceUnmask, UnmaskRule
 from prism.samplers.schedules import Schedule, StepPlan
 from registry import SAMPLERS, SCHEDULES
-
-ORDERS = ("after_unmask", "before_unmask")
-
 
 def split_evenly(m: torch.Tensor, steps: int) -> List[torch.Tensor]:
     """LLaDA's ``get_num_transfer_tokens``: m // S per step, the first m mod S steps one more."""
@@ -84,20 +78,18 @@ def steps_per_block(steps: int, n_blocks: int) -> List[int]:
 @SCHEDULES.register("semi_ar")
 class SemiARSchedule(Schedule):
     """Blocks of ``block_length``, ``steps`` in all, ``remask_per_block`` remasks per block spread by
-    ``remask_spread`` ('inner' | 'central') in ``remask_order`` ('after_unmask' | 'before_unmask')."""
+    ``remask_spread`` ('inner' | 'central')."""
 
     def __init__(self, steps: int = 128, block_length: int = 32, remask_per_block: int = 0,
-                 remask_order: str = "after_unmask", remask_spread: str = "inner"):
+                 remask_spread: str = "inner"):
         if block_length < 1 or steps < 1:
             raise ValueError(f"need block_length >= 1 and steps >= 1, got {block_length}, {steps}")
         if remask_per_block < 0:
             raise ValueError(f"remask_per_block must be >= 0, got {remask_per_block}")
-        if remask_order not in ORDERS:
-            raise ValueError(f"remask_order must be one of {ORDERS}, got {remask_order!r}")
         if remask_spread not in SPREADS:
             raise ValueError(f"remask_spread must be one of {tuple(SPREADS)}, got {remask_spread!r}")
         self.n_steps, self.block_length, self.remask_per_block = steps, block_length, remask_per_block
-        self.remask_order, self.remask_spread = remask_order, remask_spread
+        self.remask_spread = remask_spread
         self.remasks = remask_per_block > 0
         self._layouts = {}
 
@@ -143,7 +135,6 @@ class SemiARSchedule(Schedule):
         layout = [self._layout(n) for n in n_blocks]  # refuses rows with more blocks than steps first
         cols = [torch.tensor([row[f] for row in layout], dtype=torch.long, device=fixed.device) for f in range(4)]
         block_at, within_at, length_at, remask_at = cols  # each (B, steps)
-        before = self.remask_order == "before_unmask"
         m = torch.zeros(fixed.shape[0], dtype=torch.long, device=fixed.device)
         for i in range(self.n_steps):
             t, s = self.time(i)
@@ -153,20 +144,18 @@ class SemiARSchedule(Schedule):
             base, rem = m // S, m % S
             share = base + (j < rem).long()
             k = torch.minimum(remask_at[:, i], (state.clean & window).sum(1))
-            if not before:  # a remask must be refillable by a later step of this block
-                k = torch.minimum(k, m - (j + 1) * base - torch.minimum(j + 1, rem))
-            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, remask_first=before)
+            k = torch.minimum(k, m - (j + 1) * base - torch.minimum(j + 1, rem))  # refillable later in the block
+            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window)
 
 
 @SAMPLERS.register("semi_ar")
 def semi_ar_sampler(steps: int = 128, block_length: int = 32, remask_per_block: int = 0,
                     remask_rule: Optional[RemaskRule] = None, unmask_rule: Optional[UnmaskRule] = None,
-                    temperature: float = 0.0, top_p: float = 1.0, remask_order: str = "after_unmask",
-                    remask_spread: str = "inner") -> Sampler:
+                    temperature: float = 0.0, top_p: float = 1.0, remask_spread: str = "inner") -> Sampler:
     """LLaDA's semi-autoregressive sampler (most confident first, greedy by default) with
     ``remask_per_block`` remasks per block by ``remask_rule`` (default: the PRISM head), spread by
-    ``remask_spread`` and done after or before the step's unmasking (``remask_order``)."""
-    schedule = SemiARSchedule(steps, block_length, remask_per_block, remask_order, remask_spread)
+    ``remask_spread``."""
+    schedule = SemiARSchedule(steps, block_length, remask_per_block, remask_spread)
     return Sampler(schedule, unmask_rule or ConfidenceUnmask(), CategoricalDraw(temperature, top_p),
                    noise_removal=True, cache=True,
                    remask_rule=(remask_rule or PRISMRemask()) if remask_per_block else remask_rule)
