@@ -245,3 +245,27 @@ def test_decisions_are_per_sequence():
     st = out.trace[5]
     rows = {tuple(r.tolist()) for r in (st["unmasked"] | st["remasked"])}
     assert len(rows) > 1  # identical rows, different decisions
+
+
+def test_the_token_critic_pass_sees_the_batch_padding():
+    """The critic's own pass gets the batch's attention mask (padding keys out of its attention)."""
+    seen = []
+
+    class Critic:
+        mask_id, time_conditioned = 0, False
+
+        def __call__(self, z, attention_mask=None, t=None):
+            lp = torch.full((*z.shape, 4), -math.log(3.0))
+            lp[..., 0] = float("-inf")
+            return SimpleNamespace(log_probs=lp, quality_logits=None)
+
+        def critic_logits(self, x, attention_mask=None):
+            seen.append(attention_mask)
+            return torch.zeros(x.shape)
+
+    keep = torch.tensor([[True, True, True, False]])
+    batch = {"input_ids": torch.tensor([[2, 0, 0, 1]]), "fixed": torch.tensor([[True, False, False, True]]),
+             "attention_mask": keep}
+    out = token_critic_sampler(steps=2)(Critic(), batch, torch.Generator().manual_seed(0))
+    assert seen and all(m is keep for m in seen)
+    assert out.tokens[0, 3] == 1 and (out.tokens != 0).all()

@@ -43,6 +43,7 @@ class SamplerState:
         self.z, self.fixed, self.mask_id, self.generator = z, fixed, mask_id, generator
         self.confidence = torch.full(z.shape, float("nan"), dtype=torch.float64, device=z.device)
         self.log_probs = self.quality = self.token_log_probs = None
+        self.attention_mask = None  # the batch's (B, L) padding mask, when it has one
         self.step = 0
 
     @property
@@ -115,6 +116,7 @@ class Sampler:
         attention_mask = batch.get("attention_mask")
         z = torch.where(fixed, batch["input_ids"], torch.full_like(batch["input_ids"], mask_id))
         state = SamplerState(z, fixed, mask_id, generator)
+        state.attention_mask = attention_mask  # rules that run a network of their own pass it on
         B = z.shape[0]
         cache = self.cache and not getattr(model, "time_conditioned", False)
         nfe, out, steps = 0, None, []

@@ -57,7 +57,7 @@ class TokenCriticRemask(RemaskRule):
     extra_passes = 1
 
     def scores(self, model, state, x_hat, generator):
-        return -model.critic_logits(x_hat).double()
+        return -model.critic_logits(x_hat, getattr(state, "attention_mask", None)).double()
 
 
 @REMASK_RULES.register("p2_self")
