@@ -165,7 +165,9 @@ class MDM(nn.Module):
         logits when no graph is kept) and the head's quality logits. ``log_probs=False`` skips the
         SUBS step (``log_probs`` and ``token_log_probs`` are None): for a pass that only needs the
         quality, e.g. PRISM's pass on y."""
-        out = self.backbone(input_ids, attention_mask=attention_mask, t=t)
+        # a backbone that can skip its output layer does so when the pass needs no log-probs
+        skip = {"logits": False} if not log_probs and getattr(self.backbone, "skips_logits", False) else {}
+        out = self.backbone(input_ids, attention_mask=attention_mask, t=t, **skip)
         quality = self.head(out.hidden_states, out.cond, attention_mask) if self.head is not None else None
         if not log_probs:
             return MDMOutput(None, out.hidden_states, quality, None)

@@ -297,3 +297,19 @@ def test_registered_and_config_errors():
         LLaDABackbone(preset="tiny", mask_id=10_000)
     gqa = LLaDABackbone(preset="tiny", config=dict(n_kv_heads=2, vocab_size=V))
     assert gqa(tokens(1, 5)).logits.shape == (1, 5, V)
+
+
+def test_a_quality_only_pass_skips_the_output_layer():
+    """PRISM's pass on y asks the MDM for the quality only: LLaDA then never runs ff_out."""
+    from prism.heads.quality import MLPHead
+    from prism.model import MDM
+
+    torch.manual_seed(0)
+    model = MDM(LLaDABackbone(preset="tiny"), MLPHead).eval()
+    calls = []
+    model.backbone.model.transformer.ff_out.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(0, 100, (2, 12))
+    full = model(ids)
+    only = model(ids, log_probs=False)
+    assert calls == [1] and only.log_probs is None
+    assert torch.equal(only.quality_logits, full.quality_logits)

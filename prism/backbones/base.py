@@ -36,6 +36,9 @@ class Backbone(nn.Module):
     mask_id: int
     hidden_size: int
     cond_dim: Optional[int] = None  # width of ``BackboneOutput.cond`` (quality heads modulate with it)
+    # True if ``forward`` takes ``logits=False`` and then skips its output layer (``logits`` None):
+    # ``MDM`` asks for it on passes that need only the hidden states (the quality head's)
+    skips_logits: bool = False
 
     def forward(
         self,

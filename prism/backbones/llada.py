@@ -294,7 +294,11 @@ class LLaDABackbone(Backbone):
         emb = emb[None, None] if positions.dim() == 1 else emb[:, None]
         return emb.cos(), emb.sin()
 
-    def forward(self, input_ids, attention_mask=None, t=None) -> BackboneOutput:
+    skips_logits = True  # forward(..., logits=False): the final hidden state only (``MDM`` asks for it)
+
+    def forward(self, input_ids, attention_mask=None, t=None, logits: bool = True) -> BackboneOutput:
+        """``logits=False`` skips the output layer (``logits`` None): a pass that only feeds the
+        quality head (PRISM's pass on y) saves a (B, L, V) tensor and the vocabulary matmul."""
         tr = self.model.transformer
         B, L = input_ids.shape
         x = tr.wte(input_ids)
@@ -311,7 +315,7 @@ class LLaDABackbone(Backbone):
         for block in tr.blocks:
             x = checkpoint(block, x, cos, sin, bias, use_reentrant=False) if ckpt else block(x, cos, sin, bias)
         h = tr.ln_f(x)
-        return BackboneOutput(hidden_states=h, logits=tr.ff_out(h))
+        return BackboneOutput(hidden_states=h, logits=tr.ff_out(h) if logits else None)
 
 
 # ------------------------------------------------------------------------------------------ files
