@@ -19,8 +19,8 @@ Static parts (resident the whole step):
 Activations at the step's peak, the largest of these phases:
   fwd1      pass 1 at SUBS: saved(T1) + logits (T1·V·c) + SUBS float32 buffer (T1·V·4) + one
             log-softmax chunk (``prism.model.LOG_SOFTMAX_CHUNK`` elements)
-  fwd2      end of pass 2: saved(T1) + head(T1) + SUBS buffer + saved(T2) + head(T2) + logits of y (T2·V·c,
-            made and thrown away: the pass asks for the quality only)
+  fwd2      end of pass 2: saved(T1) + head(T1) + SUBS buffer + saved(T2) + head(T2) (no logits of y:
+            the pass asks for the quality only and LLaDA skips its output layer)
   bwd2      first block of pass 2's backward (the engine runs pass 2's nodes first: they are newer):
             saved(T1) + SUBS buffer + block inputs(T2) + one block's saved tensors(T2) + backward work(T2)
   subs_bwd  SUBS backward of pass 1: saved(T1) + buffer y + incoming grad + dx (3·T1·V·4) (+ dx cast to c)
@@ -165,7 +165,7 @@ def estimate(config, *, batch: int, seq_len: int, lora_rank: int, lora_targets=(
     recompute = (lambda T: T * (block + work)) if checkpointing else (lambda T: T * work)
     phases = dict(
         fwd1=saved1 + T1 * head + T1 * V * c + buf + min(LOG_SOFTMAX_CHUNK, T1 * V) * 4,
-        fwd2=saved1 + T1 * head + buf + saved2 + T2 * head + T2 * V * c,
+        fwd2=saved1 + T1 * head + buf + saved2 + T2 * head,
         bwd2=saved1 + buf + T2 * nl * per_layer + recompute(T2),
         subs_bwd=saved1 + T1 * V * (3 * 4 + (c if c != 4 else 0)),
         bwd1=T1 * nl * per_layer + recompute(T1),
