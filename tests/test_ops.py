@@ -202,6 +202,7 @@ def test_device_generator_on_cuda_makes_noise_there():
 # ---- top-p on gathered rows ------------------------------------------------------------------
 
 def test_top_p_on_gathered_rows_equals_the_full_tensor_result():
+    """The 'reach' reading (the old filter's, selected explicitly; 'within' is tested in test_owt_samplers)."""
     probs = torch.tensor([
         [[0.5, 0.28, 0.17, 0.05], [0.05, 0.15, 0.3, 0.5], [0.25, 0.25, 0.4, 0.1]],
         [[0.9, 0.04, 0.03, 0.03], [0.1, 0.2, 0.3, 0.4], [0.6, 0.25, 0.1, 0.05]],
@@ -209,12 +210,12 @@ def test_top_p_on_gathered_rows_equals_the_full_tensor_result():
     positions = torch.tensor([[True, False, True], [False, True, True]])
     # no row has its mass before a token within rounding of p = 0.8 (there float32 and float64 may differ)
     full = old_nucleus_filter(probs.log(), 0.8)  # the old way: the whole (B, L, V) tensor in float64
-    gathered = nucleus_filter(probs.log().float()[positions], 0.8)  # the new: (N, V) float32 rows
+    gathered = nucleus_filter(probs.log().float()[positions], 0.8, nucleus="reach")  # the new: (N, V) float32 rows
     assert torch.equal(torch.isfinite(gathered), torch.isfinite(full[positions]))
     assert torch.isfinite(gathered).tolist() == [[True, True, True, False], [True, True, True, False],
                                                  [False, True, True, True], [True, True, False, False]]
     for draw in (categorical_draw, gumbel_max):  # draws stay inside the nucleus
-        x = draw(probs.log().expand(500, 2, 3, 4), torch.Generator().manual_seed(0), top_p=0.8,
+        x = draw(probs.log().expand(500, 2, 3, 4), torch.Generator().manual_seed(0), top_p=0.8, nucleus="reach",
                  positions=positions.expand(500, 2, 3), fill=torch.full((500, 2, 3), -1))
         assert torch.isfinite(full.expand(500, 2, 3, 4)[positions.expand(500, 2, 3)].gather(
             -1, x[positions.expand(500, 2, 3)][:, None])).all()
@@ -223,17 +224,18 @@ def test_top_p_on_gathered_rows_equals_the_full_tensor_result():
 
 def test_top_p_past_the_top_k_shortcut_equals_a_full_sort():
     """At V above ops.NUCLEUS_TOP_K: peaked rows are filtered from their top k alone, flat rows (whose
-    nucleus is larger than k) fall back to the full sort; both give the full sort's result."""
+    nucleus is larger than k) fall back to the full sort; both give the full sort's result. The
+    'reach' reading, selected explicitly ('within' past the shortcut: tests/test_owt_samplers.py)."""
     V = 3 * ops.NUCLEUS_TOP_K
     gen = torch.Generator().manual_seed(3)
     peaked = (torch.randn(3, V, generator=gen, dtype=torch.float64) * 4).log_softmax(-1)
     flat = (torch.randn(3, V, generator=gen, dtype=torch.float64) * 0.1).log_softmax(-1)
     rows = torch.cat([peaked, flat]).float()
-    kept = torch.isfinite(nucleus_filter(rows, 0.9))
+    kept = torch.isfinite(nucleus_filter(rows, 0.9, nucleus="reach"))
     assert torch.equal(kept, torch.isfinite(old_nucleus_filter(rows.double(), 0.9)))
     sizes = kept.sum(-1).tolist()
     assert all(n < ops.NUCLEUS_TOP_K for n in sizes[:3]) and all(n > ops.NUCLEUS_TOP_K for n in sizes[3:])
-    assert torch.equal(nucleus_filter(rows, 0.9)[kept], rows[kept])  # kept values untouched
+    assert torch.equal(nucleus_filter(rows, 0.9, nucleus="reach")[kept], rows[kept])  # kept values untouched
     for lp in (rows[:2], rows[:2].double(), rows[:2, :8].double()):  # float32 and float64, short rows too
         copy = lp.clone()
         out = nucleus_filter(lp, 0.9)

@@ -73,7 +73,8 @@ def test_remdm_closed_forms_hand_computed():
     assert fb.p_remask.item() == pytest.approx((0.5 - 0.25) / 0.25)
     assert fb.p_unmask.item() == pytest.approx(2 * (0.5 - 0.25) / 0.75)
     # loop: t_on .55, t_off .05, α_on .9: step 1 (t = .75) is an MDLM step under α(t) = .9(1 − t)/.45
-    loop = ReMDMSchedule(4, "loop", eta=0.02, eps=0.0)
+    # (the 'piecewise' reading, selected explicitly; the default 'phase_of_t': tests/test_owt_samplers.py)
+    loop = ReMDMSchedule(4, "loop", eta=0.02, eps=0.0, loop_alpha="piecewise")
     p1 = plan_at(loop, 1)
     a_t, a_s = 0.9 * 0.25 / 0.45, 0.9
     assert p1.p_remask.item() == 0.0 and p1.p_unmask.item() == pytest.approx((a_s - a_t) / (1 - a_t))

@@ -6,7 +6,13 @@ holds ⌈L·(i + 1)/N⌉ clean tokens, so each step unmasks ⌈L/N⌉ + |T| posi
 among the masked ones, as the authors' Sudoku and OWT samplers) and remasks |T|:
 
 - Algorithm 2: |T| ~ Binomial(#clean, η), from step ℓ_on (``step_on``) on;
-  ``samplers.prism_owt``: η = 2.56/N and ℓ_on = ⌈N/2⌉ (Appendix D.2);
+  ``samplers.prism_owt``: η = 2.56/N and ℓ_on = ⌈N/2⌉ (Appendix D.2). ``cap`` (default for
+  prism_owt, the authors' OWT code, ``prob_path._get_remasking_k`` / ``_topk_static_update``): the
+  rate is min(η, (1 − α_s)/α_t) with α_t = #clean/L, α_s = min(#clean/L + 1/N, 1), and when more
+  tokens are chosen than the step can refill (|T| > L − target) the excess, the best of the chosen
+  by the remasking rule, stays clean, so every step ends at exactly its target; without ``cap``
+  (samplers.prism's default, the paper's Algorithm 2 as written) the rate is η and such a step
+  ends below its target;
 - Algorithm 3: |T| = K fixed, while K < #masked < L − K (the authors' code; at #masked = K the
   step could not unmask ⌈L/N⌉ + K positions);
 - never at the last step, which completes the sequence;
@@ -44,14 +50,15 @@ class PRISMSchedule(Schedule):
     remasks = True
 
     def __init__(self, steps: int = 128, eta: Optional[float] = None, num_remask: Optional[int] = None,
-                 step_on: int = 0, step_off: Optional[int] = None, loop_steps: int = 0, loop_remask: int = 0):
+                 step_on: int = 0, step_off: Optional[int] = None, loop_steps: int = 0, loop_remask: int = 0,
+                 cap: bool = False):
         if (eta is None) == (num_remask is None):
             raise ValueError("schedules.prism needs exactly one of eta (Algorithm 2) or num_remask (Algorithm 3)")
         if loop_steps and loop_remask <= 0:
             raise ValueError("PRISM-loop (loop_steps > 0) needs loop_remask > 0")
         self.n_steps, self.eta, self.num_remask = steps, eta, num_remask
         self.step_on, self.step_off = step_on, steps if step_off is None else step_off
-        self.loop_steps, self.loop_remask = loop_steps, loop_remask
+        self.loop_steps, self.loop_remask, self.cap = loop_steps, loop_remask, cap
 
     def time(self, i):
         return 1.0 - i / self.n_steps, 1.0 - (i + 1) / self.n_steps
@@ -60,12 +67,22 @@ class PRISMSchedule(Schedule):
     def final_t(self) -> float:
         return 0.0
 
+    def remask_rate(self, n_clean, L) -> torch.Tensor:
+        """(B,) float64 Algorithm 2's rate: η, or with ``cap`` min(η, (1 − α_s)/α_t), α_t = #clean/L,
+        α_s = min(α_t + 1/N, 1) (η where α_t = 0)."""
+        eta = torch.full(n_clean.shape, self.eta, dtype=torch.float64)
+        if not self.cap:
+            return eta
+        a_t = n_clean.double().cpu() / L.double().cpu()
+        a_s = (a_t + 1.0 / self.n_steps).clamp(max=1.0)
+        return torch.where(a_t > 0, torch.minimum(eta, (1 - a_s) / a_t.clamp(min=1e-300)), eta)
+
     def remask_count(self, i: int, n_masked, n_clean, L, generator):
         """|T| per row at step i (zero outside [step_on, step_off) and outside Algorithm 3's window)."""
         if not self.step_on <= i < self.step_off:
             return torch.zeros_like(n_masked)
         if self.eta is not None:
-            T = torch.binomial(n_clean.double().cpu(), torch.full(n_clean.shape, self.eta, dtype=torch.float64),
+            T = torch.binomial(n_clean.double().cpu(), self.remask_rate(n_clean, L),
                                generator=generator).long().to(n_clean.device)
             ok = (n_clean > T) & (n_masked > T)
         else:
@@ -84,6 +101,8 @@ class PRISMSchedule(Schedule):
             T = self.remask_count(i, n_masked, n_clean, L, state.generator)
             if i == self.n_steps - 1:  # the last step completes the sequence (or starts the loop)
                 T = torch.minimum(torch.full_like(T, self.loop_remask), n_clean) if self.loop_steps else torch.zeros_like(T)
+            elif self.cap and self.eta is not None:  # the excess over what the step refills stays clean
+                T = torch.minimum(T, (L - target).clamp(min=0))
             n_unmask = (target - n_clean + T).clamp(min=0)
             yield StepPlan(t, s, n_unmask=torch.minimum(n_unmask, n_masked), n_remask=T)
         for j in range(self.loop_steps):
@@ -114,21 +133,27 @@ def prism_sampler(steps: int = 128, eta: Optional[float] = None, num_remask: Opt
                   step_on: int = 0, step_off: Optional[int] = None, loop_steps: int = 0, loop_remask: int = 0,
                   loop_choice: str = "uniform", remask_rule: Optional[RemaskRule] = None,
                   unmask_rule: Optional[UnmaskRule] = None, temperature: float = 1.0, top_p: float = 1.0,
-                  noise_removal: bool = True) -> Sampler:
+                  noise_removal: bool = True, cap: bool = False, nucleus: str = "within") -> Sampler:
     """PRISM Algorithms 2/3 (+ 4 with ``loop_steps``): remask by ``remask_rule`` (default: the PRISM
-    head), unmask uniformly random positions (``unmask_rule``)."""
+    head), unmask uniformly random positions (``unmask_rule``); ``cap``: Algorithm 2 as the authors'
+    OWT code (see the module docstring); nucleus ``top_p`` read as ``nucleus`` ('within' | 'reach')."""
     if loop_choice not in LOOP_CHOICES:
         raise ValueError(f"unknown loop_choice {loop_choice!r}; known: {', '.join(LOOP_CHOICES)}")
     rule = remask_rule or PRISMRemask()
     if loop_steps:
         rule = LoopAwareRemask(rule, steps, loop_choice)
-    return Sampler(PRISMSchedule(steps, eta, num_remask, step_on, step_off, loop_steps, loop_remask),
-                   unmask_rule or RandomUnmask(), CategoricalDraw(temperature, top_p), noise_removal, remask_rule=rule)
+    return Sampler(PRISMSchedule(steps, eta, num_remask, step_on, step_off, loop_steps, loop_remask, cap),
+                   unmask_rule or RandomUnmask(), CategoricalDraw(temperature, top_p, nucleus), noise_removal,
+                   remask_rule=rule)
 
 
 @SAMPLERS.register("prism_owt")
 def prism_owt_sampler(steps: int = 256, top_p: float = 0.9, remask_rule: Optional[RemaskRule] = None,
-                      loop_steps: int = 0, loop_remask: int = 0, loop_choice: str = "uniform") -> Sampler:
-    """Algorithm 2 with the OWT schedule of Appendix D.2: η = 2.56/N, ℓ_on = ⌈N/2⌉."""
+                      loop_steps: int = 0, loop_remask: int = 0, loop_choice: str = "uniform", cap: bool = True,
+                      nucleus: str = "within") -> Sampler:
+    """Algorithm 2 with the OWT schedule of Appendix D.2: η = 2.56/N, ℓ_on = ⌈N/2⌉; by default as the
+    authors' OWT code (``cap``: rate min(η, (1 − α_s)/α_t), steps end at their target; nucleus
+    'within')."""
     return prism_sampler(steps, eta=2.56 / steps, step_on=math.ceil(steps / 2), loop_steps=loop_steps,
-                         loop_remask=loop_remask, loop_choice=loop_choice, remask_rule=remask_rule, top_p=top_p)
+                         loop_remask=loop_remask, loop_choice=loop_choice, remask_rule=remask_rule, top_p=top_p,
+                         cap=cap, nucleus=nucleus)
