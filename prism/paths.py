@@ -14,3 +14,19 @@ def write_text_atomic(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def publish_dir(tmp: str, path: str, meta: dict) -> None:
+    """Finish a cache directory built in ``tmp``: write ``meta.json`` last (its presence marks a
+    complete cache) and rename ``tmp`` to ``path``. If another process published ``path`` first, its
+    copy stays and ``tmp`` is left for the caller to remove; any other failure is raised."""
+    import json
+
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not os.path.exists(os.path.join(path, "meta.json")):
+            raise
+

@@ -62,7 +62,7 @@ from tasks.mbpp_code import (  # noqa: F401  (re-exported: tasks.mbpp.extract_pr
     BEGIN, DONE, END_OF_TEXT, FEWSHOT_IDS, LM_EVAL_QUESTION, PAIR_STUB, PRISM_INSTRUCTION, STYLES, check_code,
     extract_program, function_name, lm_eval_prompt, lm_eval_question, reference_answer)
 from tasks.sft import mbpp_instruction
-from tasks.tokenizers import resolve_tokenizer, special_ids
+from tasks.tokenizers import TokenizerMixin
 
 HUB_ID = "google-research-datasets/mbpp"
 ID_RANGES = {"test": (11, 510), "train": (601, 974), "validation": (511, 600), "prompt": (1, 10),
@@ -115,7 +115,7 @@ def load_problems(split: str = "test", source: str = "auto", data_dir: Optional[
 
 # ----------------------------------------------------------------------------- the task
 @TASKS.register("mbpp")
-class MBPP(Task):
+class MBPP(TokenizerMixin, Task):
     """MBPP generation and execution-based scoring (see the module docstring)."""
 
     def __init__(self, split: str = "test", prompt_style: str = "prism", tokenizer: Any = "gpt2-chat",
@@ -145,33 +145,11 @@ class MBPP(Task):
         self._tokenizer = self._ids = self._problems = self._shots = self._prompt_ids = None
 
     # ------------------------------------------------------------------------- tokenizer and data
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            tok = resolve_tokenizer(self.tokenizer_spec, cache_dir=self.cache_root)
-            self._ids = special_ids(tok, require=("mask", "eos"))
-            if self.prompt_style == "chat" and not getattr(tok, "chat_template", None):
-                raise ValueError(f"tasks.mbpp: prompt_style='chat' but tokenizer {self.tokenizer_spec!r} has no chat "
-                                 "template; use prompt_style 'prism' or 'lm_eval'")
-            self._tokenizer = tok
-        return self._tokenizer
+    task_name = "tasks.mbpp"
 
-    @property
-    def special(self) -> Dict[str, Optional[int]]:
-        self.tokenizer  # noqa: B018 - loads the ids too
-        return self._ids
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    @property
-    def mask_id(self) -> int:
-        return self.special["mask"]
-
-    @property
-    def end_ids(self) -> List[int]:
-        return [t for t in (self.special["eos"], self.special["eot"]) if t is not None]
+    def check_tokenizer(self, tokenizer) -> None:
+        if self.prompt_style == "chat":
+            self.needs_chat_template(tokenizer, "prompt_style='chat'", "use prompt_style 'prism' or 'lm_eval'")
 
     @property
     def problems(self) -> List[Dict[str, Any]]:

@@ -41,7 +41,7 @@ from registry import TASKS
 from tasks.base import Task
 from tasks.sft_data import (  # noqa: F401  (re-exported: tasks.sft.mbpp_instruction, ...)
     LOCAL_FORMATS, MBPP_SPLITS, MBPP_TEST, describe_source, load_mbpp, load_source, mbpp_instruction)
-from tasks.tokenizers import resolve_tokenizer, special_ids
+from tasks.tokenizers import TokenizerMixin
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = "1"
@@ -66,7 +66,7 @@ def _pack(tokenised, rows: Sequence[int], keep) -> Dict[str, np.ndarray]:
 
 
 @TASKS.register("sft")
-class SFT(Task):
+class SFT(TokenizerMixin, Task):
     """Instruction -> answer SFT (see the module docstring); ``cache_dir`` is a cache root (default
     ``CACHE_ROOT``) for the tokenizer and the data. Per-sample metrics: ``ends`` (EOS or end of turn
     generated: the answer finished within ``gen_length``) and ``answer_tokens`` (tokens before it)."""
@@ -110,39 +110,18 @@ class SFT(Task):
         self._key: Optional[str] = None
 
     # ------------------------------------------------------------------------- tokenizer
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            tok = resolve_tokenizer(self.tokenizer_spec, cache_dir=self.cache_root)
-            need = ("mask", "eos", "eot") if self.prompt_format == "chat" else ("mask", "eos")
-            self._ids = special_ids(tok, require=need)
-            if self.prompt_format == "chat" and not getattr(tok, "chat_template", None):
-                raise ValueError(f"tasks.sft: prompt_format='chat' but tokenizer {self.tokenizer_spec!r} has no chat "
-                                 "template; give a plain template holding '{instruction}'")
-            self._tokenizer = tok
-        return self._tokenizer
+    task_name = "tasks.sft"
 
-    @property
-    def special(self) -> Dict[str, Optional[int]]:
-        self.tokenizer  # noqa: B018 - loads the ids too
-        return self._ids
+    def required_special(self):
+        return ("mask", "eos", "eot") if self.prompt_format == "chat" else ("mask", "eos")
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    @property
-    def mask_id(self) -> int:
-        return self.special["mask"]
+    def check_tokenizer(self, tokenizer) -> None:
+        if self.prompt_format == "chat":
+            self.needs_chat_template(tokenizer, "prompt_format='chat'", "give a plain template holding '{instruction}'")
 
     @property
     def eos_id(self) -> int:
         return self.special["eos"]
-
-    @property
-    def end_ids(self) -> List[int]:
-        """The tokens that end an answer: EOS and (when the tokenizer has one) end of turn."""
-        return [t for t in (self.special["eos"], self.special["eot"]) if t is not None]
 
     def prompt_text(self, instruction: str) -> str:
         """The prompt string for ``instruction`` (tokenised without adding special tokens)."""
@@ -257,13 +236,7 @@ class SFT(Task):
                     np.save(os.path.join(tmp, f"{part}_{name}.npy"), arr)
             with open(os.path.join(tmp, "eval.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
-            with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks a complete cache
-                json.dump(meta, f)
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process finished the same cache first
-                if not os.path.exists(os.path.join(path, "meta.json")):
-                    raise
+            paths.publish_dir(tmp, path, meta)  # meta.json last, then the rename
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

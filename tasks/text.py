@@ -352,13 +352,7 @@ class TextTask(Task):
                       for part, rows in ranges.items()}
             meta = {"documents": sizes, "blocks": blocks, "seq_len": self.seq_len, "source": str(self.source),
                     "bos": self.bos_id, "eos": self.eos_id, "dtype": np.dtype(dtype).name}
-            with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks a complete cache
-                json.dump(meta, f)
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process finished the same cache first
-                if not os.path.exists(os.path.join(path, "meta.json")):
-                    raise
+            paths.publish_dir(tmp, path, meta)  # meta.json last, then the rename
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("tasks.text: cached %s train and %s eval blocks of %d tokens in %s",

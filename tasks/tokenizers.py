@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import prism.paths as paths
 
@@ -166,3 +166,52 @@ def special_ids(tokenizer, require: Iterable[str] = ("mask", "eos")) -> Dict[str
         raise ValueError(f"tokenizer {name!r} has no {', no '.join(missing)}; use one that does (e.g. "
                          f"'{CHAT_SPEC}', or 'GSAI-ML/LLaDA-8B-Instruct')")
     return ids
+
+
+class TokenizerMixin:
+    """The tokenizer side of a text task: ``tokenizer`` loaded on first use from ``tokenizer_spec``
+    (``resolve_tokenizer``, cache under ``cache_root``), its ``special`` ids, ``vocab_size``
+    (``len(tokenizer)``), ``mask_id`` and ``end_ids`` (EOS and end of turn). A task sets
+    ``tokenizer_spec``, ``cache_root``, ``_tokenizer = None`` and may override ``required_special``
+    and ``check_tokenizer`` (e.g. a chat prompt needs a chat template)."""
+
+    task_name = "task"
+
+    def required_special(self) -> Tuple[str, ...]:
+        return ("mask", "eos")
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise a ValueError if ``tokenizer`` cannot serve this task's settings."""
+
+    def needs_chat_template(self, tokenizer, option: str, alternative: str) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{self.task_name}: {option} but tokenizer {self.tokenizer_spec!r} has no chat "
+                             f"template; {alternative}")
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            tok = resolve_tokenizer(self.tokenizer_spec, cache_dir=self.cache_root)
+            self._ids = special_ids(tok, require=self.required_special())
+            self.check_tokenizer(tok)
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def special(self) -> Dict[str, Optional[int]]:
+        self.tokenizer  # noqa: B018 - loads the ids too
+        return self._ids
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def mask_id(self) -> int:
+        return self.special["mask"]
+
+    @property
+    def end_ids(self) -> List[int]:
+        """The tokens that end an answer: EOS and (when the tokenizer has one) end of turn."""
+        return [t for t in (self.special["eos"], self.special["eot"]) if t is not None]
+
