@@ -293,9 +293,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if args.overwrite and not args.resume and accelerator.is_main_process:
             clear_output_dir(output_dir)
         weights = exp.init_checkpoint or "random init"
-    else:
-        with accelerator.main_process_first():
-            exp.eval_task.prepare()
+    else:  # sample / eval read only the evaluation data, each task loading it on first use
         weights = load_run_weights(exp, output_dir, accelerator)
     set_seed(seed, device_specific=True)  # from here on (dropout, ...) each rank draws its own numbers
     accelerator.wait_for_everyone()
