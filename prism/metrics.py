@@ -23,6 +23,19 @@ import gin
 _NOT_LOADED = object()
 
 
+def run_scorers(scorers, records: List[dict], who: str, out: Dict[str, Any] = None) -> Dict[str, Any]:
+    """Call each corpus scorer on ``records`` and merge their results into ``out`` (a new dict by
+    default); two scorers giving the same key is a ValueError naming ``who`` and the keys."""
+    out = {} if out is None else out
+    for scorer in scorers:
+        values = scorer(records)
+        clash = sorted(set(values) & set(out))
+        if clash:
+            raise ValueError(f"{who}: corpus metrics {clash} are computed twice (give the scorers distinct keys)")
+        out.update(values)
+    return out
+
+
 class CorpusMetric:
     """``metric(records) -> {name: float}``. Subclasses implement ``__call__`` and, if they need
     an evaluator model, ``load`` (read it through ``self.model``: loaded on first use, then kept)."""

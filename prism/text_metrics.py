@@ -31,7 +31,7 @@ import gin
 import torch
 import torch.nn.functional as F
 
-from prism.metrics import CorpusMetric
+from prism.metrics import CorpusMetric, run_scorers
 from prism.paths import DATA_ROOT
 
 SMOLLM2 = "smollm2-135m"
@@ -401,9 +401,4 @@ def reference_metrics(texts: Sequence[str], scorers: Sequence[CorpusMetric],
         if isinstance(scorer, Mauve) and set(texts) & set(scorer.model):
             raise ValueError("reference_metrics: the held-out texts overlap metrics.mauve's references; "
                              "use another split (e.g. webtext.test.jsonl against webtext.valid.jsonl)")
-        values = scorer(records)
-        clash = sorted(set(values) & set(out))
-        if clash:
-            raise ValueError(f"reference_metrics: {clash} computed twice (give the scorers distinct keys)")
-        out.update(values)
-    return out
+    return run_scorers(scorers, records, "reference_metrics", out)

@@ -105,14 +105,9 @@ class Task:
     def corpus_metrics(self, records: List[dict]) -> Dict[str, float]:
         """Metrics of the whole set of samples (every process's, in order), computed once on the
         main process. The default merges the results of ``corpus_scorers``."""
-        out: Dict[str, float] = {}
-        for scorer in self.corpus_scorers:
-            values = scorer(records)
-            clash = sorted(set(values) & set(out))
-            if clash:
-                raise ValueError(f"{type(self).__name__}: corpus metrics {clash} are computed twice")
-            out.update(values)
-        return out
+        from prism.metrics import run_scorers
+
+        return run_scorers(self.corpus_scorers, records, type(self).__name__)
 
     def decode(self, tokens: torch.Tensor) -> str:
         """One sequence (L,) as human-readable text. Default: the tokenizer's decoding when the task

@@ -9,8 +9,9 @@ from prism.model import MDM, subs_log_probs
 from prism.backbones.dit import DiT
 
 
-def test_nelbo_hand_computed():
-    # V = 3 with mask id 2; log-probs chosen by hand at the masked positions.
+def hand_case():
+    """V = 3 with mask id 2; log-probs chosen by hand at the masked positions: (log_probs, x, masked,
+    fixed, t)."""
     x = torch.tensor([[0, 1, 0], [1, 1, 0]])
     masked = torch.tensor([[True, False, True], [False, True, False]])
     fixed = torch.tensor([[False, False, False], [False, False, True]])
@@ -19,7 +20,12 @@ def test_nelbo_hand_computed():
     probs[0, 0] = torch.tensor([0.7, 0.3, 0.0])
     probs[0, 2] = torch.tensor([0.2, 0.8, 0.0])
     probs[1, 1] = torch.tensor([0.4, 0.6, 0.0])
-    out = MDLMLoss.nelbo(probs.log(), x, masked, fixed, 1 / t)
+    return probs.log(), x, masked, fixed, t
+
+
+def test_nelbo_hand_computed():
+    log_probs, x, masked, fixed, t = hand_case()
+    out = MDLMLoss.nelbo(log_probs, x, masked, fixed, 1 / t)
     # Σ_masked (1/t) · −log p(x_i), over the 5 non-fixed positions
     expected = ((-math.log(0.7) - math.log(0.2)) / 0.5 + (-math.log(0.6)) / 0.25) / 5
     assert math.isclose(out.loss.item(), expected, rel_tol=1e-6)
@@ -30,15 +36,8 @@ def test_nelbo_hand_computed():
 def test_nelbo_per_sequence_as_llada_sft():
     """normalize='sequence': each row's Σ (1/t)·CE over its own count of maskable positions (the
     answer with its EOS padding), then the mean over rows (LLaDA GUIDELINES.md)."""
-    x = torch.tensor([[0, 1, 0], [1, 1, 0]])
-    masked = torch.tensor([[True, False, True], [False, True, False]])
-    fixed = torch.tensor([[False, False, False], [False, False, True]])
-    t = torch.tensor([0.5, 0.25])
-    probs = torch.full((2, 3, 3), 1 / 3)
-    probs[0, 0] = torch.tensor([0.7, 0.3, 0.0])
-    probs[0, 2] = torch.tensor([0.2, 0.8, 0.0])
-    probs[1, 1] = torch.tensor([0.4, 0.6, 0.0])
-    out = MDLMLoss.nelbo(probs.log(), x, masked, fixed, 1 / t, normalize="sequence")
+    log_probs, x, masked, fixed, t = hand_case()
+    out = MDLMLoss.nelbo(log_probs, x, masked, fixed, 1 / t, normalize="sequence")
     row0 = (-math.log(0.7) - math.log(0.2)) / 0.5 / 3  # 3 maskable positions
     row1 = (-math.log(0.6)) / 0.25 / 2  # 2 maskable positions (the last is fixed)
     assert math.isclose(out.loss.item(), (row0 + row1) / 2, rel_tol=1e-6)
