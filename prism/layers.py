@@ -74,12 +74,16 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def attention(self, x, rotary, attn_bias):
+    def attention(self, x, rotary, attn_bias, kv=None):
+        """``kv``: optional hook ``(k, v) -> (k, v)`` (``KVCache.bind``) that stores this layer's keys and
+        values, or writes them into a cache and returns the cached ones for all L positions (Fast-dLLM)."""
         B, L, D = x.shape
         qkv = self.attn_qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k, v = kv(k, v)  # on a partial pass: the keys of every position, the queries stay L rows
         if flash_attn is not None and x.is_cuda and attn_bias is None and x.dtype in (torch.float16, torch.bfloat16):
             out = flash_attn.flash_attn_func(  # pragma: no cover - CUDA only
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -91,9 +95,9 @@ class DiTBlock(nn.Module):
             ).transpose(1, 2).reshape(B, L, D)
         return self.attn_out(out)
 
-    def forward(self, x, c, rotary, attn_bias=None):
+    def forward(self, x, c, rotary, attn_bias=None, kv=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        h = self.attention(modulate(self.norm1(x), shift_msa, scale_msa), rotary, attn_bias)
+        h = self.attention(modulate(self.norm1(x), shift_msa, scale_msa), rotary, attn_bias, kv)
         x = x + gate_msa[:, None] * F.dropout(h, self.dropout, self.training)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x + gate_mlp[:, None] * F.dropout(h, self.dropout, self.training)

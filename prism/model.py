@@ -11,7 +11,7 @@ import gin
 import torch
 from torch import nn
 
-from prism.backbones.base import Backbone
+from prism.backbones.base import Backbone, cache_ranges
 
 
 @dataclass
@@ -20,7 +20,8 @@ class MDMOutput:
     for the quality only); ``hidden_states``: (B, L, D);
     ``quality_logits``: (B, L) logit of g_i (None without a head); ``token_log_probs``: (B, L) the
     model's own log-probability of the token present at each position, before SUBS carries clean
-    tokens over (what P2-self remasks by)."""
+    tokens over (what P2-self remasks by). With a KV cache (``MDM.forward``'s ``compute`` / ``keep``) the
+    per-position fields cover the kept positions a..b-1 and ``hidden_states`` the computed ones."""
 
     log_probs: Optional[torch.Tensor]
     hidden_states: torch.Tensor
@@ -160,19 +161,40 @@ class MDM(nn.Module):
     def vocab_size(self) -> int:
         return self.backbone.vocab_size
 
-    def forward(self, input_ids, attention_mask=None, t=None, log_probs: bool = True) -> MDMOutput:
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Whether ``forward`` takes ``cache`` / ``compute`` / ``keep`` (backbone and head both do)."""
+        head_ok = self.head is None or bool(getattr(self.head, "supports_kv_cache", False))
+        return bool(getattr(self.backbone, "supports_kv_cache", False)) and head_ok
+
+    def forward(self, input_ids, attention_mask=None, t=None, log_probs: bool = True, cache=None, compute=None,
+                keep=None) -> MDMOutput:
         """One backbone pass → SUBS log-probs (``subs_log_probs``, written over the backbone's fresh
         logits when no graph is kept) and the head's quality logits. ``log_probs=False`` skips the
         SUBS step (``log_probs`` and ``token_log_probs`` are None): for a pass that only needs the
-        quality, e.g. PRISM's pass on y."""
+        quality, e.g. PRISM's pass on y.
+
+        ``cache`` (a ``KVCache``), ``compute=(lo, hi)``, ``keep=(a, b)``: Fast-dLLM's approximate KV cache
+        (``prism.backbones.kv_cache``), passed to the backbone and the head. ``input_ids`` / ``attention_mask``
+        stay the full (B, L); ``hidden_states`` covers the computed positions (a refresh: all L), while
+        ``log_probs``, ``token_log_probs`` and ``quality_logits`` cover positions a..b-1 (default: compute)."""
+        if cache is not None and not self.supports_kv_cache:
+            parts = [type(self.backbone).__name__] + ([type(self.head).__name__] if self.head is not None else [])
+            raise ValueError(f"{' + '.join(parts)} does not support the KV cache (supports_kv_cache is False): "
+                             "use samplers.semi_ar.cache = 'none'")
+        lo, _, a, b = cache_ranges(cache, compute, keep, input_ids.shape[1])
+        kw = {} if cache is None else dict(cache=cache, compute=compute, keep=keep)
         # a backbone that can skip its output layer does so when the pass needs no log-probs
         skip = {"logits": False} if not log_probs and getattr(self.backbone, "skips_logits", False) else {}
-        out = self.backbone(input_ids, attention_mask=attention_mask, t=t, **skip)
-        quality = self.head(out.hidden_states, out.cond, attention_mask) if self.head is not None else None
+        out = self.backbone(input_ids, attention_mask=attention_mask, t=t, **skip, **kw)
+        quality = None
+        if self.head is not None:
+            head_kw = {} if cache is None else dict(cache=cache, compute=compute)
+            quality = self.head(out.hidden_states, out.cond, attention_mask, **head_kw)[:, a - lo:b - lo]
         if not log_probs:
             return MDMOutput(None, out.hidden_states, quality, None)
-        subs, token_log_probs = subs_log_probs(out.logits, input_ids, self.mask_id, return_token_log_probs=True,
-                                               inplace=True)
+        subs, token_log_probs = subs_log_probs(out.logits, input_ids[:, a:b], self.mask_id,
+                                               return_token_log_probs=True, inplace=True)
         return MDMOutput(subs, out.hidden_states, quality, token_log_probs)
 
     def critic_logits(self, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from prism.backbones.kv_cache import KVCache, cache_ranges, key_padding_bias  # noqa: F401  (re-exported)
+
 
 @dataclass
 class BackboneOutput:
@@ -30,6 +32,16 @@ class Backbone(nn.Module):
     - ``input_ids``: (B, L) long, masked positions hold ``mask_id``;
     - ``attention_mask``: optional (B, L) bool/0-1, False marks padding that no token may attend to;
     - ``t``: optional (B,) diffusion time, used only by time-conditioned backbones.
+
+    Backbones with ``supports_kv_cache`` also take ``cache``, ``compute`` and ``keep`` (Fast-dLLM's
+    approximate KV cache, see ``prism.backbones.kv_cache``); ``input_ids`` / ``attention_mask`` are
+    always the full (B, L):
+
+    - ``cache=KVCache()``, ``compute=None``: a full pass that also stores every attention layer's (k, v);
+    - ``compute=(lo, hi)`` (cache filled): only positions lo..hi-1 are computed, their k, v written into
+      the cache in place, attending over all L cached positions; ``hidden_states`` is (B, hi-lo, D);
+    - ``keep=(a, b)`` (lo <= a <= b <= hi): the output layer runs on positions a..b-1 only
+      (``logits`` (B, b-a, V)); ``hidden_states`` still covers the computed range (a head reads it).
     """
 
     vocab_size: int
@@ -39,6 +51,8 @@ class Backbone(nn.Module):
     # True if ``forward`` takes ``logits=False`` and then skips its output layer (``logits`` None):
     # ``MDM`` asks for it on passes that need only the hidden states (the quality head's)
     skips_logits: bool = False
+    # True if ``forward`` takes ``cache`` / ``compute`` / ``keep`` (the approximate KV cache)
+    supports_kv_cache: bool = False
 
     def forward(
         self,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prism.backbones.base import Backbone, BackboneOutput
+from prism.backbones.base import Backbone, BackboneOutput, cache_ranges, key_padding_bias
 from prism.layers import DiTBlock, LayerNorm, Rotary, modulate  # noqa: F401  (DiTBlock: FSDP wraps it by name)
 from registry import BACKBONES, closest_names
 
@@ -147,32 +147,39 @@ class DiT(Backbone):
         else:
             self.group_bias = None
 
-    def forward(self, input_ids, attention_mask=None, t=None) -> BackboneOutput:
+    skips_logits = True
+    supports_kv_cache = True
+
+    def forward(self, input_ids, attention_mask=None, t=None, logits: bool = True, cache=None, compute=None,
+                keep=None) -> BackboneOutput:
+        """``cache`` / ``compute`` / ``keep``: the approximate KV cache (Fast-dLLM, ``Backbone``'s docstring):
+        a partial pass embeds positions lo..hi-1 only, with their rotary angles, group embeddings and
+        ``group_bias`` rows, and attends over every cached key."""
         B, L = input_ids.shape
-        x = self.vocab_embed[input_ids]
+        lo, hi, a, b = cache_ranges(cache, compute, keep, L)
+        x = self.vocab_embed[input_ids[:, lo:hi]]
         if self.position_groups is not None:
             if self.position_groups.shape[1] != L:
                 raise ValueError(
                     f"position_groups cover {self.position_groups.shape[1]} positions, input has {L}"
                 )
             for groups, emb in zip(self.position_groups, self.group_embed):
-                x = x + emb(groups)[None]
+                x = x + emb(groups[lo:hi])[None]
         if self.time_conditioning and t is not None:
             # MDLM conditions on the total noise σ(t) = −log(1 − (1 − 1e-3)·t) of the log-linear schedule
             sigma = -torch.log1p(-(1 - 1e-3) * t.float())
         else:
             sigma = torch.zeros(B, device=x.device)
         c = F.silu(self.sigma_map(sigma)).to(x.dtype)
-        rotary = self.rotary(L, x.device, x.dtype)
-        attn_bias = None if self.group_bias is None else self.group_bias.to(x.dtype)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            # Additive float mask: padding keys get a dtype-min bias so no token attends to them.
-            keep = attention_mask.bool()[:, None, None, :]
-            pad = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
-                ~keep, torch.finfo(x.dtype).min
-            )
+        cos, sin = self.rotary(L, x.device, x.dtype)
+        rotary = (cos[lo:hi], sin[lo:hi])
+        attn_bias = None if self.group_bias is None else self.group_bias[lo:hi].to(x.dtype)
+        # Additive float mask over keys: padding keys get a dtype-min bias so no token attends to them.
+        pad = key_padding_bias(attention_mask, x.dtype, x.device)
+        if pad is not None:
             attn_bias = pad if attn_bias is None else attn_bias + pad
-        for block in self.blocks:
-            x = block(x, c, rotary, attn_bias)
-        logits = self.output_layer(x, c)
-        return BackboneOutput(hidden_states=x, logits=logits, cond=c)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, rotary, attn_bias, None if cache is None else cache.bind(f"blocks.{i}", compute))
+        # a quality-only pass (PRISM's on y) skips the (B, L, V) output layer; ``keep`` runs it on a block only
+        out = self.output_layer(x[:, a - lo:b - lo], c) if logits else None
+        return BackboneOutput(hidden_states=x, logits=out, cond=c)

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from prism.backbones.base import Backbone, BackboneOutput
+from prism.backbones.base import Backbone, BackboneOutput, cache_ranges, key_padding_bias
 from prism.checkpoint import HF_INDEX, HF_WEIGHTS, as_dtype, write_safetensors
 from registry import BACKBONES, closest_names
 
@@ -153,12 +153,14 @@ class LLaDABlock(nn.Module):
         self.ff_norm = RMSNorm(d, cfg["rms_norm_eps"], dtype)
         self.ff_proj, self.up_proj, self.ff_out = lin(d, hidden), lin(d, hidden), lin(hidden, d)
 
-    def attention(self, x, cos, sin, bias):
+    def attention(self, x, cos, sin, bias, kv=None):
         B, L, D = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if kv is not None:  # Fast-dLLM cache (``KVCache.bind``): store, or write and read back all L keys
+            k, v = kv(k, v)
         if (self.attn_implementation == "flash_attn" and flash_attn_func is not None and bias is None and x.is_cuda
                 and x.dtype in (torch.float16, torch.bfloat16)):  # pragma: no cover - CUDA only
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
@@ -177,8 +179,8 @@ class LLaDABlock(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
         return self.attn_out(out.transpose(1, 2).reshape(B, L, D))
 
-    def forward(self, x, cos, sin, bias=None):
-        x = x + self.attention(self.attn_norm(x), cos, sin, bias)
+    def forward(self, x, cos, sin, bias=None, kv=None):
+        x = x + self.attention(self.attn_norm(x), cos, sin, bias, kv)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -295,27 +297,28 @@ class LLaDABackbone(Backbone):
         return emb.cos(), emb.sin()
 
     skips_logits = True  # forward(..., logits=False): the final hidden state only (``MDM`` asks for it)
+    supports_kv_cache = True
 
-    def forward(self, input_ids, attention_mask=None, t=None, logits: bool = True) -> BackboneOutput:
-        """``logits=False`` skips the output layer (``logits`` None): a pass that only feeds the
-        quality head (PRISM's pass on y) saves a (B, L, V) tensor and the vocabulary matmul."""
+    def forward(self, input_ids, attention_mask=None, t=None, logits: bool = True, cache=None, compute=None,
+                keep=None) -> BackboneOutput:
+        """``logits=False`` skips the output layer: a quality-only pass (PRISM's on y) saves a (B, L, V) tensor.
+        ``cache`` / ``compute`` / ``keep``: Fast-dLLM's KV cache (``Backbone``); positions from the full mask."""
         tr = self.model.transformer
         B, L = input_ids.shape
-        x = tr.wte(input_ids)
-        bias = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            keep = attention_mask.bool()
-            positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
-            bias = torch.zeros((B, 1, 1, L), dtype=x.dtype, device=x.device).masked_fill(
-                ~keep[:, None, None, :], torch.finfo(x.dtype).min)
+        lo, hi, a, b = cache_ranges(cache, compute, keep, L)
+        x = tr.wte(input_ids[:, lo:hi])
+        bias = key_padding_bias(attention_mask, x.dtype, x.device)
+        if bias is not None:
+            positions = (attention_mask.bool().to(x.device).long().cumsum(-1) - 1).clamp(min=0)[:, lo:hi]
         else:
-            positions = torch.arange(L, device=input_ids.device)
+            positions = torch.arange(lo, hi, device=input_ids.device)
         cos, sin = self.rotary(positions)
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in tr.blocks:
-            x = checkpoint(block, x, cos, sin, bias, use_reentrant=False) if ckpt else block(x, cos, sin, bias)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for i, block in enumerate(tr.blocks):
+            kv = None if cache is None else cache.bind(f"blocks.{i}", compute)
+            x = checkpoint(block, x, cos, sin, bias, use_reentrant=False) if ckpt else block(x, cos, sin, bias, kv)
         h = tr.ln_f(x)
-        return BackboneOutput(hidden_states=h, logits=tr.ff_out(h) if logits else None)
+        return BackboneOutput(hidden_states=h, logits=tr.ff_out(h[:, a - lo:b - lo]) if logits else None)
 
 
 # ------------------------------------------------------------------------------------------ files

@@ -23,15 +23,22 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from prism.backbones.kv_cache import key_padding_bias
 from prism.layers import DiTBlock, LayerNorm, Rotary, modulate
 from registry import HEADS
 
 
 class QualityHead(nn.Module):
-    """``forward(hidden_states, cond=None, attention_mask=None)`` → (B, L) quality logits."""
+    """``forward(hidden_states, cond=None, attention_mask=None, cache=None, compute=None)`` → (B, n)
+    quality logits for the n rows of ``hidden_states``. ``cache`` / ``compute``: the backbone's approximate
+    KV cache (Fast-dLLM, ``prism.backbones.kv_cache``); on a partial pass ``hidden_states`` holds
+    positions lo..hi-1 only and ``attention_mask`` is still the full (B, L). Per-token heads ignore both."""
+
+    supports_kv_cache = True
 
     def forward(self, hidden_states: torch.Tensor, cond: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # pragma: no cover
+                attention_mask: Optional[torch.Tensor] = None, cache=None,
+                compute=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -71,7 +78,7 @@ class LinearHead(QualityHead):
         super().__init__()
         self.out = AdaLNOut(hidden_size, cond_dim if adaln else None)
 
-    def forward(self, hidden_states, cond=None, attention_mask=None):
+    def forward(self, hidden_states, cond=None, attention_mask=None, cache=None, compute=None):
         return self.out(hidden_states, cond)
 
 
@@ -121,15 +128,21 @@ class AttentionHead(QualityHead):
         self.block = DiTBlock(hidden_size, n_heads, self.cond_dim, mlp_ratio)
         self.out = AdaLNOut(hidden_size, cond_dim)
 
-    def forward(self, hidden_states, cond=None, attention_mask=None):
-        B, L, _ = hidden_states.shape
+    def forward(self, hidden_states, cond=None, attention_mask=None, cache=None, compute=None):
+        """With ``cache``, the block's keys and values go in it under the layer name ``"head"``; with
+        ``compute=(lo, hi)`` the rows are positions lo..hi-1 and attend over all cached positions."""
+        B, n, _ = hidden_states.shape
+        if compute is None:
+            lo, L = 0, n
+        else:
+            if cache is None or "head" not in cache.layers:
+                raise ValueError("heads.attention: compute= needs a KV cache filled by a refresh pass")
+            lo, L = int(compute[0]), cache.layers["head"][0].shape[2]
         c = cond if cond is not None else hidden_states.new_zeros(B, self.cond_dim)
-        bias = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            keep = attention_mask.bool()[:, None, None, :]
-            bias = torch.zeros(keep.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill(
-                ~keep, torch.finfo(hidden_states.dtype).min)
-        h = self.block(hidden_states, c, self.rotary(L, hidden_states.device, hidden_states.dtype), bias)
+        bias = key_padding_bias(attention_mask, hidden_states.dtype, hidden_states.device)
+        cos, sin = self.rotary(L, hidden_states.device, hidden_states.dtype)
+        kv = None if cache is None else cache.bind("head", compute)
+        h = self.block(hidden_states, c, (cos[lo:lo + n], sin[lo:lo + n]), bias, kv)
         return self.out(h, cond)
 
 
@@ -142,5 +155,5 @@ class MLPHead(QualityHead):
         self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden_size), nn.GELU(),
                                  _zero_linear(hidden_size, 1))
 
-    def forward(self, hidden_states, cond=None, attention_mask=None):
+    def forward(self, hidden_states, cond=None, attention_mask=None, cache=None, compute=None):
         return self.net(hidden_states.to(self.net[1].weight.dtype)).squeeze(-1)

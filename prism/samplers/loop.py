@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from prism.backbones.base import KVCache
 from prism.samplers.draw import CategoricalDraw
 from prism.ops import select_top
 from prism.samplers.rules import RandomUnmask, UnmaskRule
@@ -84,6 +85,40 @@ def choose(count: Optional[torch.Tensor], prob: Optional[torch.Tensor], candidat
     return torch.zeros_like(candidates)
 
 
+KV_CACHES = ("none", "prefix", "dual")
+REFRESHES = ("block", "step")
+
+
+def check_kv_cache(kv_cache: str, refresh: str) -> None:
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    if refresh not in REFRESHES:
+        raise ValueError(f"the KV cache refresh must be one of {REFRESHES} ('step' only checks exactness), "
+                         f"got {refresh!r}")
+
+
+def column_span(window: Optional[torch.Tensor], L: int):
+    """(lo, hi): the columns from the first to the last position any row's window holds ((0, L)
+    without a window); a KV-cached pass computes only these (and, in 'prefix' mode, the tail)."""
+    if window is None:
+        return 0, L
+    cols = window.any(0).nonzero()
+    if cols.numel() == 0:
+        return 0, 0
+    return int(cols[0]), int(cols[-1]) + 1
+
+
+def span_view(state: SamplerState, lo: int, hi: int) -> SamplerState:
+    """The state restricted to columns lo … hi−1 (views, no copies), for the rules to read."""
+    view = SamplerState.__new__(SamplerState)
+    view.z, view.fixed, view.mask_id, view.generator = state.z[:, lo:hi], state.fixed[:, lo:hi], state.mask_id, state.generator
+    view.confidence = state.confidence[:, lo:hi]
+    view.attention_mask = None if state.attention_mask is None else state.attention_mask[:, lo:hi]
+    view.log_probs = view.quality = view.token_log_probs = None
+    view.step = state.step
+    return view
+
+
 @SAMPLERS.register("loop")
 class Sampler:
     """A sampler = schedule + unmasking rule + draw (+ remasking rule), run by one loop.
@@ -92,6 +127,15 @@ class Sampler:
     a remasking step may leave masks) take the argmax of the model's prediction, as MDLM's final
     denoising step does. ``cache``: reuse the last prediction while the state is unchanged (MDLM's
     caching); off for time-conditioned models, whose prediction also depends on t.
+
+    ``kv_cache`` (Fast-dLLM's approximate KV cache, Wu et al. 2025; for schedules with a window, i.e.
+    semi-AR blocks): 'none'; 'prefix': a full pass at each block start (``StepPlan.block_start``)
+    stores every layer's keys/values, later steps recompute only the window's columns and everything
+    after them; 'dual': only the window's columns. Each step then works on those columns alone
+    (remasking never touches a cached position: it stays inside the window). ``refresh = 'step'``
+    makes every pass a full one, which must reproduce the uncached samples (the exactness check).
+    A plan's ``threshold`` τ (parallel decoding) also unmasks every candidate whose drawn token has
+    probability ≥ τ, beyond the planned count.
     """
 
     def __init__(
@@ -102,76 +146,134 @@ class Sampler:
         noise_removal: bool = True,
         cache: bool = True,
         remask_rule=None,
+        kv_cache: str = "none",
+        refresh: str = "block",
     ):
+        check_kv_cache(kv_cache, refresh)
         self.schedule = schedule
         self.unmask_rule = unmask_rule or RandomUnmask()
         self.draw = draw or CategoricalDraw()
         self.noise_removal, self.cache = noise_removal, cache
         self.remask_rule = remask_rule
+        self.kv_cache, self.refresh = kv_cache, refresh
+
+    def check_model(self, model) -> None:
+        """Refuse, before any pass, a KV cache the model or the remasking rule cannot work with."""
+        if self.kv_cache == "none":
+            return
+        if not getattr(model, "supports_kv_cache", False):
+            backbone = getattr(model, "backbone", model)
+            raise ValueError(f"kv_cache = {self.kv_cache!r} needs a backbone (and head) with a KV cache; "
+                             f"{type(backbone).__name__} has none: use cache = 'none'")
+        if getattr(self.remask_rule, "extra_passes", 0):
+            raise ValueError(f"kv_cache = {self.kv_cache!r} cannot serve {type(self.remask_rule).__name__}, "
+                             "which runs a network of its own on the whole sequence: use cache = 'none'")
 
     @torch.no_grad()
     def __call__(self, model, batch, generator: Optional[torch.Generator] = None, trace: bool = False) -> SampleOutput:
+        self.check_model(model)
         mask_id = model.mask_id
         fixed = batch["fixed"].bool()
         attention_mask = batch.get("attention_mask")
         z = torch.where(fixed, batch["input_ids"], torch.full_like(batch["input_ids"], mask_id))
         state = SamplerState(z, fixed, mask_id, generator)
         state.attention_mask = attention_mask  # rules that run a network of their own pass it on
-        B = z.shape[0]
+        B, L = z.shape
         cache = self.cache and not getattr(model, "time_conditioned", False)
-        nfe, out, steps = 0, None, []
+        kv = None if self.kv_cache == "none" else KVCache()
+        nfe, out, out_span, steps = 0, None, None, []
 
-        def predict(t: float):
+        def predict(t: float, span=None, block_start: bool = False):
             nonlocal nfe
             nfe += 1
-            return model(state.z, attention_mask=attention_mask, t=torch.full((B,), t, device=z.device))
+            tt = torch.full((B,), t, device=z.device)
+            if kv is None or span is None:
+                return model(state.z, attention_mask=attention_mask, t=tt)
+            lo, hi = span
+            if block_start or self.refresh == "step" or not kv.layers:  # a full pass fills the cache
+                return model(state.z, attention_mask=attention_mask, t=tt, cache=kv, keep=span)
+            compute = (lo, hi) if self.kv_cache == "dual" else (lo, L)
+            return model(state.z, attention_mask=attention_mask, t=tt, cache=kv, compute=compute, keep=span)
 
         for i, plan in enumerate(self.schedule.plans(state)):
             state.step = i
-            masked, clean = state.masked, state.clean
-            if not masked.any() and not plan.may_remask:
+            if not state.masked.any() and not plan.may_remask:
                 if self.schedule.remasks:
                     continue
                 break
-            if out is None or not cache:  # first step, or the state changed since the last prediction
-                out = predict(plan.t)
-            state.log_probs, state.token_log_probs = out.log_probs, getattr(out, "token_log_probs", None)
-            state.quality = getattr(out, "quality_logits", None)
-            window = plan.window if plan.window is not None else torch.ones_like(masked)
-            # tokens only where one may change (masked, in the window); elsewhere the state as it is
-            tokens = self.draw(out.log_probs, generator, positions=masked & window, fill=state.z)
-            unmask = choose(plan.n_unmask, plan.p_unmask, masked & window,
-                            lambda: self.unmask_rule.scores(out.log_probs, tokens, state.z, generator), generator)
-            x_hat = torch.where(unmask, tokens, state.z)
-            remask = torch.zeros_like(unmask)
-            if plan.may_remask:
-                if self.remask_rule is None and plan.n_remask is not None:
-                    raise ValueError("this schedule remasks by count: give the sampler a remask_rule")
-                candidates = ((x_hat != mask_id) & ~fixed if plan.remask_fresh else clean) & window
-
-                def remask_scores():
-                    nonlocal nfe
-                    nfe += getattr(self.remask_rule, "extra_passes", 0)
-                    return self.remask_rule.scores(model, state, x_hat, generator)
-
-                remask = choose(plan.n_remask, plan.p_remask, candidates, remask_scores, generator)
+            span = column_span(plan.window, L) if kv is not None else (0, L)
+            if span[0] == span[1]:
+                continue
+            if out is None or not cache or span != out_span or (kv is not None and plan.block_start):
+                out, out_span = predict(plan.t, span if kv is not None else None, plan.block_start), span
+            lo, hi = span
+            view = span_view(state, lo, hi) if kv is not None else state
+            new_z, unmask, remask, extra = self.step(model, view, out, plan, lo, hi, generator)
+            nfe += extra
             if trace:
-                steps.append({"step": i, "t": plan.t, "z": state.z.cpu().clone(), "unmasked": unmask.cpu().clone(),
-                              "remasked": remask.cpu().clone(),
-                              "quality": None if state.quality is None else torch.sigmoid(state.quality.float()).cpu().clone()})
-            token_p = out.log_probs.gather(-1, tokens[..., None]).squeeze(-1).double().exp()
-            state.confidence = torch.where(unmask, token_p, state.confidence).masked_fill(remask, float("nan"))
-            new_z = torch.where(remask, torch.full_like(x_hat, mask_id), x_hat)
+                steps.append(self._trace(i, plan, state, view, unmask, remask, lo, hi))
+            if kv is not None:
+                state.confidence[:, lo:hi] = view.confidence
+                new_z = torch.cat([state.z[:, :lo], new_z, state.z[:, hi:]], 1)
+            else:
+                state.confidence = view.confidence
             if not torch.equal(new_z, state.z):
                 state.z = new_z
                 out = None
         masked = state.masked
         if self.noise_removal and masked.any():
-            if out is None or not cache:
+            if out is None or not cache or out_span != (0, L):
                 out = predict(self.schedule.final_t)
             state.z = torch.where(masked, out.log_probs.argmax(-1), state.z)
         return SampleOutput(tokens=state.z, nfe=nfe, trace=steps)
 
+    def step(self, model, view: SamplerState, out, plan, lo: int, hi: int, generator):
+        """One step on ``view`` (the state, or its columns lo … hi−1 with ``out`` covering the same):
+        draw at the masked positions in the window, unmask by the rule (plus every candidate at or
+        above the plan's threshold), remask by the remasking rule. Returns (z after the step, unmasked,
+        remasked, extra network passes); updates ``view.confidence``."""
+        mask_id, fixed = view.mask_id, view.fixed
+        masked, clean = view.masked, view.clean
+        view.log_probs, view.token_log_probs = out.log_probs, getattr(out, "token_log_probs", None)
+        view.quality = getattr(out, "quality_logits", None)
+        window = plan.window[:, lo:hi] if plan.window is not None else torch.ones_like(masked)
+        # tokens only where one may change (masked, in the window); elsewhere the state as it is
+        tokens = self.draw(out.log_probs, generator, positions=masked & window, fill=view.z)
+        token_p = out.log_probs.gather(-1, tokens[..., None]).squeeze(-1).double().exp()
+        candidates = masked & window
+        unmask = choose(plan.n_unmask, plan.p_unmask, candidates,
+                        lambda: self.unmask_rule.scores(out.log_probs, tokens, view.z, generator), generator)
+        if plan.threshold is not None:  # parallel decoding: every confident enough candidate as well
+            unmask = unmask | (candidates & (token_p >= plan.threshold))
+        x_hat = torch.where(unmask, tokens, view.z)
+        remask = torch.zeros_like(unmask)
+        extra = 0
+        if plan.may_remask:
+            if self.remask_rule is None and plan.n_remask is not None:
+                raise ValueError("this schedule remasks by count: give the sampler a remask_rule")
+            remask_candidates = ((x_hat != mask_id) & ~fixed if plan.remask_fresh else clean) & window
+
+            def remask_scores():
+                nonlocal extra
+                extra += getattr(self.remask_rule, "extra_passes", 0)
+                return self.remask_rule.scores(model, view, x_hat, generator)
+
+            remask = choose(plan.n_remask, plan.p_remask, remask_candidates, remask_scores, generator)
+        view.confidence = torch.where(unmask, token_p, view.confidence).masked_fill(remask, float("nan"))
+        return torch.where(remask, torch.full_like(x_hat, mask_id), x_hat), unmask, remask, extra
+
+    @staticmethod
+    def _trace(i, plan, state, view, unmask, remask, lo, hi):
+        """The step's record in whole-sequence coordinates (quality NaN outside the computed columns)."""
+        def full(a, fill):
+            if a.shape[1] == state.z.shape[1]:
+                return a.cpu().clone()
+            whole = torch.full(state.z.shape, fill, dtype=a.dtype)
+            whole[:, lo:hi] = a.cpu()
+            return whole
+        quality = None if view.quality is None else full(torch.sigmoid(view.quality.float()), float("nan"))
+        return {"step": i, "t": plan.t, "z": state.z.cpu().clone(), "unmasked": full(unmask, False),
+                "remasked": full(remask, False), "quality": quality}
 
 @SAMPLERS.register("mdlm")
 def mdlm_sampler(

@@ -23,7 +23,9 @@ class StepPlan:
     (B, L): every candidate position independently). Unmasking candidates are the masked positions,
     remasking candidates the clean generated positions before the step (``remask_fresh``: also those
     unmasked in this step, as Token-Critic re-decides every position); both within ``window``
-    ((B, L) bool, e.g. the current semi-autoregressive block) when given."""
+    ((B, L) bool, e.g. the current semi-autoregressive block) when given. ``block_start``: a row
+    begins a new window (a KV-cached sampler refreshes its cache); ``threshold``: parallel decoding
+    (Fast-dLLM), every candidate whose drawn token has probability ≥ τ unmasks beyond the count."""
 
     t: float
     s: float
@@ -33,6 +35,8 @@ class StepPlan:
     p_remask: Optional[torch.Tensor] = None
     window: Optional[torch.Tensor] = None
     remask_fresh: bool = False
+    block_start: bool = False  # some row starts a new window here: a KV cache is refreshed
+    threshold: Optional[float] = None  # also unmask every candidate whose drawn token has p >= threshold
 
     @property
     def may_remask(self) -> bool:

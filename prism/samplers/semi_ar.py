@@ -81,7 +81,7 @@ class SemiARSchedule(Schedule):
     ``remask_spread`` ('inner' | 'central')."""
 
     def __init__(self, steps: int = 128, block_length: int = 32, remask_per_block: int = 0,
-                 remask_spread: str = "inner"):
+                 remask_spread: str = "inner", threshold: Optional[float] = None):
         if block_length < 1 or steps < 1:
             raise ValueError(f"need block_length >= 1 and steps >= 1, got {block_length}, {steps}")
         if remask_per_block < 0:
@@ -89,7 +89,9 @@ class SemiARSchedule(Schedule):
         if remask_spread not in SPREADS:
             raise ValueError(f"remask_spread must be one of {tuple(SPREADS)}, got {remask_spread!r}")
         self.n_steps, self.block_length, self.remask_per_block = steps, block_length, remask_per_block
-        self.remask_spread = remask_spread
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1] (a probability; None: off), got {threshold}")
+        self.remask_spread, self.threshold = remask_spread, threshold
         self.remasks = remask_per_block > 0
         self._layouts = {}
 
@@ -129,6 +131,9 @@ class SemiARSchedule(Schedule):
         return block, within, length, remask
 
     def plans(self, state):
+        if self.threshold is not None:
+            yield from self._threshold_plans(state)
+            return
         fixed = state.fixed
         block_of = self.blocks(fixed)
         n_blocks = (block_of.max(1).values + 1).tolist()
@@ -145,17 +150,54 @@ class SemiARSchedule(Schedule):
             share = base + (j < rem).long()
             k = torch.minimum(remask_at[:, i], (state.clean & window).sum(1))
             k = torch.minimum(k, m - (j + 1) * base - torch.minimum(j + 1, rem))  # refillable later in the block
-            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window)
+            start = bool(((j == 0) & (block_at[:, i] >= 0)).any())
+            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=start)
+
+    def _threshold_plans(self, state):
+        """Parallel decoding (Fast-dLLM): the rows decode block b together; at step j of a row's S
+        steps for it, the row unmasks at least ⌈m / (S − j)⌉ of its m masked positions (so the block
+        is done within S steps) plus, in the loop, every one whose drawn token has p ≥ τ; it remasks as
+        planned by ``remask_spread`` (never at its last step), and is done with the block as soon as
+        none of it is masked, its unused remasks dropped. The next block starts when every row is done."""
+        fixed = state.fixed
+        block_of = self.blocks(fixed)
+        n_blocks = (block_of.max(1).values + 1).tolist()
+        for n in n_blocks:
+            self._layout(n)  # refuses rows with more blocks than steps before any pass
+        i = 0
+        for b in range(max(n_blocks, default=0)):
+            S_row = [steps_per_block(self.n_steps, n)[b] if b < n else 0 for n in n_blocks]
+            spread = [SPREADS[self.remask_spread](self.remask_per_block, S) for S in S_row]
+            S = torch.tensor(S_row, dtype=torch.long, device=fixed.device)
+            in_block = (block_of == b) & ~fixed
+            active = in_block.any(1)
+            for j in range(max(S_row)):
+                active = active & (state.masked & in_block).sum(1).gt(0)
+                if not bool(active.any()):
+                    break
+                window = in_block & active[:, None]
+                m = (state.masked & window).sum(1)
+                left = (S - j).clamp(min=1)
+                share = (m + left - 1) // left
+                k = torch.tensor([row[j] if j < len(row) else 0 for row in spread], dtype=torch.long, device=fixed.device)
+                k = torch.where(active & (left > 1), torch.minimum(k, (state.clean & window).sum(1)), torch.zeros_like(k))
+                k = torch.minimum(k, m - share)  # as the planned path: no more than later steps will unmask
+                t, s = self.time(min(i, self.n_steps - 1))
+                yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=j == 0,
+                               threshold=self.threshold)
+                i += 1
 
 
 @SAMPLERS.register("semi_ar")
 def semi_ar_sampler(steps: int = 128, block_length: int = 32, remask_per_block: int = 0,
                     remask_rule: Optional[RemaskRule] = None, unmask_rule: Optional[UnmaskRule] = None,
-                    temperature: float = 0.0, top_p: float = 1.0, remask_spread: str = "inner") -> Sampler:
+                    temperature: float = 0.0, top_p: float = 1.0, remask_spread: str = "inner",
+                    cache: str = "none", threshold: Optional[float] = None, refresh: str = "block") -> Sampler:
     """LLaDA's semi-autoregressive sampler (most confident first, greedy by default) with
     ``remask_per_block`` remasks per block by ``remask_rule`` (default: the PRISM head), spread by
-    ``remask_spread``."""
-    schedule = SemiARSchedule(steps, block_length, remask_per_block, remask_spread)
+    ``remask_spread``. Fast-dLLM's speed-ups: ``cache`` = 'none' | 'prefix' | 'dual' (KV cache
+    refreshed at each block start; see ``Sampler``) and ``threshold`` = τ (parallel decoding)."""
+    schedule = SemiARSchedule(steps, block_length, remask_per_block, remask_spread, threshold)
     return Sampler(schedule, unmask_rule or ConfidenceUnmask(), CategoricalDraw(temperature, top_p),
-                   noise_removal=True, cache=True,
+                   noise_removal=True, cache=True, kv_cache=cache, refresh=refresh,
                    remask_rule=(remask_rule or PRISMRemask()) if remask_per_block else remask_rule)
