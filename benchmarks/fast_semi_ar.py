@@ -62,8 +62,8 @@ def speed(args) -> dict:
     torch.set_num_threads(args.threads)
     model = llada_model(args.size)
     batch = prompt_batch(model, args.prompt_length, args.gen_length, args.batch_size)
-    warm = prompt_batch(model, args.prompt_length, args.block_length, args.batch_size)
-    semi_ar_sampler(steps=2, block_length=args.block_length)(model, warm, torch.Generator().manual_seed(0))
+    n_blocks = -(-args.gen_length // args.block_length)  # warm-up at full length: one step per block
+    semi_ar_sampler(steps=n_blocks, block_length=args.block_length)(model, batch, torch.Generator().manual_seed(0))
     rows, outputs = [], {}
     for remask, threshold, cache in itertools.product((0, args.k_block), (None, args.threshold), CACHES):
         sampler = semi_ar_sampler(steps=args.steps, block_length=args.block_length, remask_per_block=remask,
@@ -104,35 +104,46 @@ def speed_table(result: dict, args) -> str:
 
 
 def sudoku(args) -> dict:
-    """Success rate of semi-AR decoding on the dev puzzles, every mode, through the experiment API."""
-    import gin
+    """Success rate of semi-AR decoding on the dev puzzles in every mode: one `run.py eval` per row
+    (printed, so any row can be re-run alone), its metrics.json read back."""
+    import subprocess
 
-    from prism.experiment import build_experiment
-    from prism.evaluate import evaluate
-    from prism import plugins  # noqa: F401  (registers the tasks)
-
-    torch.set_num_threads(args.threads)
     rows = []
     models = [("MDM", "gin/sudoku/mdm.gin", "gin/sudoku/mdm.safetensors", 0),
-              ("PRISM", "gin/sudoku/prism.gin", "gin/sudoku/prism.safetensors", args.k_block)]
+              ("PRISM", "gin/sudoku/prism_kuniform.gin", "gin/sudoku/prism_kuniform.safetensors", args.k_block)]
     for (name, config, weights, remask), threshold, cache in itertools.product(models, (None, args.threshold), CACHES):
-        gin.clear_config()
-        bindings = [f"experiment.init_checkpoint = '{weights}'", "experiment.init_new = []",
-                    "experiment.sampler = @samplers.semi_ar()", f"samplers.semi_ar.steps = {args.steps}",
-                    f"samplers.semi_ar.block_length = {args.block_length}",
-                    f"samplers.semi_ar.remask_per_block = {remask}", f"samplers.semi_ar.cache = '{cache}'",
-                    f"samplers.semi_ar.threshold = {threshold}", "samplers.semi_ar.temperature = 0.0",
-                    f"evaluate.limit = {args.limit}", f"evaluate.batch_size = {args.batch_size}"]
-        gin.parse_config_files_and_bindings([os.path.join(REPO, config)], bindings)
-        exp = build_experiment()
-        start = time.perf_counter()
-        metrics = evaluate(exp)
-        seconds = time.perf_counter() - start
-        rows.append(dict(model=name, cache=cache, threshold=threshold, remask_per_block=remask, seconds=seconds,
-                         **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}))
-        print(name, cache, threshold, f"{seconds:.1f} s", {k: round(v, 4) for k, v in rows[-1].items()
-                                                           if isinstance(v, float)}, flush=True)
+        out = os.path.join(args.runs, f"{name.lower()}_{cache}_{'tau' if threshold else 'plain'}")
+        cmd = [sys.executable, "run.py", "eval", config, "--output-dir", out,
+               "--bind", f"experiment.init_checkpoint = '{weights}'", "--bind", "experiment.init_new = []",
+               "--bind", "experiment.sampler = @samplers.semi_ar()", "--bind", f"samplers.semi_ar.steps = {args.steps}",
+               "--bind", f"samplers.semi_ar.block_length = {args.block_length}",
+               "--bind", f"samplers.semi_ar.remask_per_block = {remask}",
+               "--bind", "samplers.semi_ar.remask_rule = @remask_rules.prism()",
+               "--bind", f"samplers.semi_ar.cache = '{cache}'", "--bind", f"samplers.semi_ar.threshold = {threshold}",
+               "--bind", f"evaluate.limit = {args.limit}", "--bind", f"evaluate.batch_size = {args.batch_size}"]
+        print(" ".join(cmd[1:]), flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        subprocess.run(cmd, cwd=REPO, check=True, env=env, stdout=subprocess.DEVNULL)
+        with open(os.path.join(out, "metrics.json")) as f:
+            metrics = json.load(f)
+        metrics = metrics.get("eval", metrics)
+        rows.append(dict(model=name, cache=cache, threshold=threshold, remask_per_block=remask,
+                         **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     return dict(rows=rows)
+
+
+def sudoku_table(result: dict, args) -> str:
+    lines = [f"The shipped Sudoku models, {args.limit} dev puzzles, semi-AR blocks of {args.block_length} cells, "
+             f"{args.steps} steps, greedy, most confident first; PRISM: {args.k_block} remasks per block by the "
+             "head. Seconds: sampling the puzzles on 2 CPU cores.", "",
+             "| model | threshold | cache | success | NFE per batch | s |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        tau = "off" if r["threshold"] is None else f"{r['threshold']}"
+        success = r.get("success", r.get("accuracy", float("nan")))
+        lines.append(f"| {r['model']} | {tau} | {r['cache']} | {success:.3f} | {r.get('nfe', float('nan')):.1f} | "
+                     f"{r.get('seconds', float('nan')):.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -148,6 +159,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--limit", type=int, default=250, help="sudoku: dev puzzles")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", default="runs/fast_semi_ar", help="sudoku: the eval output directories")
     parser.add_argument("--out", default=None, help="OUT.md / OUT.json (default benchmarks/results/fast_semi_ar_<part>)")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"fast_semi_ar_{args.part}"
@@ -157,9 +169,8 @@ def main(argv=None):
                   cpu=platform.processor() or platform.machine())
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    if args.part == "speed":
-        with open(out + ".md", "w") as f:
-            f.write(speed_table(result, args))
+    with open(out + ".md", "w") as f:
+        f.write(speed_table(result, args) if args.part == "speed" else sudoku_table(result, args))
     print(f"wrote {out}.json")
 
 

@@ -36,6 +36,11 @@ def test_tiny_mbpp_trains_then_eval_executes_and_scores(tmp_path):
     for r in records:
         assert r["status"] in ("passed", "failed", "timeout", "crashed") and "exec_message" in r
     assert metrics["pass@1"] == sum(r["passed"] for r in records) / 3
+    # the fast sampler (dual KV cache + parallel decoding, PRISM remasking kept) composes from gin alone
+    fast = common + ["--bind", "samplers.semi_ar.cache = 'dual'", "--bind", "samplers.semi_ar.threshold = 0.9"]
+    run_py(["eval", "gin/mbpp/tiny.gin", *fast], env=ALLOW)  # the same run's adapter checkpoint
+    fast_metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert fast_metrics["n_problems"] == 3 and 0.0 <= fast_metrics["pass@1"] <= 1.0
 
 
 def test_the_headline_composition_builds_on_the_meta_device():
