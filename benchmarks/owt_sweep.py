@@ -61,11 +61,11 @@ HINT = {"mdm": "make it with: python run.py train gin/owt/small_cpu.gin --output
 VERSIONED = run.VERSIONED + ["mauve-text", "matplotlib"]
 
 
-def config_for(sampler, n_steps, top_p, loop_remask):
+def config_for(sampler, n_steps, top_p, loop_remask, mdm_gin=MDM_GIN, prism_gin=PRISM_GIN):
     """(model gin, sampler gin or None, bindings) of a sampler at total NFE ``n_steps``."""
     p = f"{top_p!r}"
     if sampler == "mdlm":
-        return MDM_GIN, None, [f"STEPS = {n_steps}", f"samplers.mdlm.top_p = {p}"]
+        return mdm_gin, None, [f"STEPS = {n_steps}", f"samplers.mdlm.top_p = {p}"]
     if sampler.startswith("remdm_"):
         strategy = sampler.split("_")[1]
         sgin = {"cap": "samplers/remdm.gin", "conf": "samplers/remdm_conf.gin", "loop": "samplers/remdm_loop.gin"}[strategy]
@@ -74,21 +74,22 @@ def config_for(sampler, n_steps, top_p, loop_remask):
             binds.append("samplers.remdm.eta = 0.02")
         if strategy == "loop":
             binds += ["samplers.remdm.t_on = 0.55", "samplers.remdm.t_off = 0.05", "samplers.remdm.alpha_on = 0.9"]
-        return MDM_GIN, sgin, binds
+        return mdm_gin, sgin, binds
     binds = [f"samplers.prism_owt.top_p = {p}", "samplers.prism_owt.cap = True", "samplers.prism_owt.nucleus = 'within'"]
     if sampler == "prism":
-        return PRISM_GIN, "samplers/prism_owt.gin", [f"STEPS = {n_steps}"] + binds
+        return prism_gin, "samplers/prism_owt.gin", [f"STEPS = {n_steps}"] + binds
     half = n_steps // 2
-    return PRISM_GIN, "samplers/prism_owt.gin", [f"STEPS = {half}", f"samplers.prism_owt.loop_steps = {half}",
+    return prism_gin, "samplers/prism_owt.gin", [f"STEPS = {half}", f"samplers.prism_owt.loop_steps = {half}",
                                                   f"samplers.prism_owt.loop_remask = {loop_remask}",
                                                   "samplers.prism_owt.loop_choice = 'uniform'"] + binds
 
 
 def build(args, sampler, n_steps):
     """The experiment (model with its weights, task, sampler) of one configuration."""
-    model_gin, sampler_gin, binds = config_for(sampler, n_steps, args.top_p, args.loop_remask)
+    model_gin, sampler_gin, binds = config_for(sampler, n_steps, args.top_p, args.loop_remask, args.mdm_gin,
+                                               args.prism_gin)
     common = [f"experiment.init_checkpoint = '{args.mdm}'", "experiment.loss = None", f"tasks.text.n_eval = {args.n}"]
-    if model_gin == PRISM_GIN:
+    if model_gin == args.prism_gin:
         common += ["experiment.init_new = ['head']", f"experiment.init_adapter = '{args.head}'"]
     else:
         common += ["experiment.init_new = []", "experiment.init_adapter = None"]
@@ -239,7 +240,10 @@ def check_args(p, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mdm", default="gin/owt/mdm.safetensors", help="the base text MDM's weights")
-    p.add_argument("--head", default="gin/owt/prism_head.safetensors", help="the PRISM head (head-only file)")
+    p.add_argument("--head", default="gin/owt/prism_head.safetensors",
+                   help="the PRISM head (a head-only file, or a fine-tune's full weights), loaded on top of --mdm")
+    p.add_argument("--mdm-gin", default=MDM_GIN, help="the base MDM's gin file (full scale: gin/owt/mdlm_owt.gin)")
+    p.add_argument("--prism-gin", default=PRISM_GIN, help="the PRISM model's gin file (full scale: gin/owt/prism_mdlm_owt.gin)")
     p.add_argument("--nfe", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=SAMPLERS, metavar="NAME",
                    help=f"a subset of {', '.join(SAMPLERS)}")
@@ -269,7 +273,7 @@ def main(argv=None):
     load_builtin_components()
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "owt_sweep.json")
-    settings = {k: getattr(args, k) for k in ("mdm", "head", "top_p", "loop_remask", "n", "batch_size", "seed",
+    settings = {k: getattr(args, k) for k in ("mdm", "head", "mdm_gin", "prism_gin", "top_p", "loop_remask", "n", "batch_size", "seed",
                                               "metrics", "judge", "featurizer", "bind")}
     res = {"configs": {}, "reference": None}
     if args.resume and os.path.exists(json_path):

@@ -149,3 +149,64 @@ def test_refusals_come_before_any_pass():
     llada = tiny_llada()
     with pytest.raises(ValueError, match="network of its own"):
         sampler(llada, batch(llada), torch.Generator().manual_seed(0))
+
+
+def ragged_batch(model, gen_lengths=(24, 8, 16), prompt=4, seed=2):
+    """Right-padded rows whose generated spans differ (3, 1 and 2 blocks of 8): rows in different
+    blocks at the same step."""
+    g = torch.Generator().manual_seed(seed)
+    L = prompt + max(gen_lengths)
+    ids = torch.zeros(len(gen_lengths), L, dtype=torch.long)
+    fixed = torch.ones_like(ids, dtype=torch.bool)
+    seen = torch.zeros_like(fixed)
+    for r, n in enumerate(gen_lengths):
+        ids[r, :prompt] = torch.randint(1, model.mask_id, (prompt,), generator=g)
+        ids[r, prompt:prompt + n] = model.mask_id
+        fixed[r, prompt:prompt + n] = False
+        seen[r, :prompt + n] = True
+    return {"input_ids": ids, "fixed": fixed, "attention_mask": seen}
+
+
+@pytest.mark.parametrize("remask", ["off", "prism"])
+def test_threshold_rows_keep_their_own_blocks_and_never_exceed_the_steps(remask):
+    model = tiny_llada()
+    b = ragged_batch(model)
+    kw = dict(steps=12, block_length=8, **REMASKS[remask])
+    ref = run(model, b, **kw)
+    got = run(model, b, threshold=1.0, **kw)  # nothing reaches p = 1: the planned decisions
+    assert torch.equal(got.tokens, ref.tokens)
+    assert got.nfe <= ref.nfe <= 12
+    for cache in ("prefix", "dual"):
+        exact = run(model, b, threshold=1.0, cache=cache, refresh="step", **kw)
+        assert torch.equal(exact.tokens, ref.tokens) and exact.nfe == got.nfe
+
+
+class Spy:
+    """Wraps a model and records, per pass, whether it was a refresh (full) or a partial pass."""
+
+    def __init__(self, model):
+        self.model, self.passes = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, z, **kw):
+        self.passes.append(("full" if kw.get("compute") is None else "partial", kw.get("compute"), kw.get("keep")))
+        return self.model(z, **kw)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_block_refresh_runs_one_full_pass_per_block_then_partial_passes_over_the_block(cache):
+    model = tiny_llada()
+    b = batch(model)  # prompts padded to 9, then 3 blocks of 8
+    spy = Spy(model)
+    out = semi_ar_sampler(steps=12, block_length=8, remask_per_block=3, cache=cache)(
+        spy, b, torch.Generator().manual_seed(0))
+    kinds = [p[0] for p in spy.passes]
+    assert kinds == ["full", "partial", "partial", "partial"] * 3 and out.nfe == 12
+    L = b["input_ids"].shape[1]
+    for blk in range(3):
+        lo, hi = 9 + 8 * blk, 17 + 8 * blk
+        assert spy.passes[4 * blk][2] == (lo, hi)  # the refresh keeps the block's outputs only
+        for _, compute, keep in spy.passes[4 * blk + 1:4 * blk + 4]:
+            assert keep == (lo, hi) and compute == ((lo, hi) if cache == "dual" else (lo, L))

@@ -107,3 +107,26 @@ def test_bad_input_fails_before_sampling(tiny, tmp_path, capsys):
         main(base + ["--samplers", "prism", "nonsense"])
     assert "invalid choice" in capsys.readouterr().err
     assert not os.listdir(tmp_path)  # nothing sampled, nothing written
+
+
+def test_full_scale_owt_configs_compose():
+    """gin/owt/mdlm_owt.gin (MDLM's 169.6M OWT model, 5000 samples, GPT-2 large metrics, nucleus 0.9) and
+    gin/owt/prism_mdlm_owt.gin (Table 3's OWT fine-tune) parse and build the paper's model sizes."""
+    import gin
+
+    import run
+
+    gin.clear_config()
+    try:
+        run.parse_gin(["gin/owt/prism_mdlm_owt.gin", "gin/samplers/prism_owt.gin"], ["STEPS = 128"])
+        assert gin.query_parameter("tasks.text.source") == "openwebtext"
+        assert gin.query_parameter("tasks.text.n_eval") == 5000
+        assert gin.query_parameter("metrics.gen_ppl.judge") == "gpt2-large"
+        assert gin.query_parameter("losses.prism.k") == 8 and gin.query_parameter("losses.prism.n_y") == 4
+        model = gin.get_configurable("models.mdm")()
+        sampler = gin.get_configurable("samplers.prism_owt")()
+    finally:
+        gin.clear_config()
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    assert backbone == 169_627_218  # MDLM-OWT at vocabulary 50,258 (README)
+    assert sampler.schedule.n_steps == 128

@@ -34,7 +34,8 @@ class QualityHead(nn.Module):
     KV cache (Fast-dLLM, ``prism.backbones.kv_cache``); on a partial pass ``hidden_states`` holds
     positions lo..hi-1 only and ``attention_mask`` is still the full (B, L). Per-token heads ignore both."""
 
-    supports_kv_cache = True
+    # a head that mixes positions must say how it serves a partial pass before it may claim this
+    supports_kv_cache = False
 
     def forward(self, hidden_states: torch.Tensor, cond: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, cache=None,
@@ -74,6 +75,8 @@ class LinearHead(QualityHead):
     """(adaLN) LayerNorm + Linear(D, 1): PRISM's Sudoku head. On the 512-wide DiT with cond_dim 128 it
     has 512 + 128·1024 + 1024 + 512 + 1 = 133,121 parameters."""
 
+    supports_kv_cache = True
+
     def __init__(self, hidden_size: int, cond_dim: Optional[int] = None, adaln: bool = True):
         super().__init__()
         self.out = AdaLNOut(hidden_size, cond_dim if adaln else None)
@@ -110,6 +113,8 @@ class AttentionHead(QualityHead):
     ``cond_dim``): at most 12 heads of at least 32 channels, e.g. 4 on the 128-wide ``cpu`` DiT. A
     given value must divide the width into an even head dimension, else a ValueError lists the valid
     choices."""
+
+    supports_kv_cache = True
 
     def __init__(self, hidden_size: int, cond_dim: Optional[int] = None, n_heads: Optional[int] = None,
                  mlp_ratio: int = 4):
@@ -149,6 +154,8 @@ class AttentionHead(QualityHead):
 @HEADS.register("mlp")
 class MLPHead(QualityHead):
     """LayerNorm → Linear(D, D) → GELU → Linear(D, 1): PRISM's LLaDA head (no conditioning)."""
+
+    supports_kv_cache = True
 
     def __init__(self, hidden_size: int, cond_dim: Optional[int] = None):
         super().__init__()

@@ -133,7 +133,10 @@ class Sampler:
     stores every layer's keys/values, later steps recompute only the window's columns and everything
     after them; 'dual': only the window's columns. Each step then works on those columns alone
     (remasking never touches a cached position: it stays inside the window). ``refresh = 'step'``
-    makes every pass a full one, which must reproduce the uncached samples (the exactness check).
+    makes every pass a full one, which reproduces the uncached samples exactly for count plans with
+    rules that draw no random numbers (random rules draw theirs over the computed columns only: the
+    same law, another stream). A refresh happens when any row starts a block and the computed columns
+    are the union of the rows' windows, so with a cache a row's sample depends on its batch-mates.
     A plan's ``threshold`` τ (parallel decoding) also unmasks every candidate whose drawn token has
     probability ≥ τ, beyond the planned count.
     """
@@ -237,11 +240,12 @@ class Sampler:
         view.log_probs, view.token_log_probs = out.log_probs, getattr(out, "token_log_probs", None)
         view.quality = getattr(out, "quality_logits", None)
         window = plan.window[:, lo:hi] if plan.window is not None else torch.ones_like(masked)
+        cols = lambda p: p[:, lo:hi] if p is not None and p.dim() == 2 else p  # noqa: E731  per-position plans
         # tokens only where one may change (masked, in the window); elsewhere the state as it is
         tokens = self.draw(out.log_probs, generator, positions=masked & window, fill=view.z)
         token_p = out.log_probs.gather(-1, tokens[..., None]).squeeze(-1).double().exp()
         candidates = masked & window
-        unmask = choose(plan.n_unmask, plan.p_unmask, candidates,
+        unmask = choose(plan.n_unmask, cols(plan.p_unmask), candidates,
                         lambda: self.unmask_rule.scores(out.log_probs, tokens, view.z, generator), generator)
         if plan.threshold is not None:  # parallel decoding: every confident enough candidate as well
             unmask = unmask | (candidates & (token_p >= plan.threshold))
@@ -258,7 +262,7 @@ class Sampler:
                 extra += getattr(self.remask_rule, "extra_passes", 0)
                 return self.remask_rule.scores(model, view, x_hat, generator)
 
-            remask = choose(plan.n_remask, plan.p_remask, remask_candidates, remask_scores, generator)
+            remask = choose(plan.n_remask, cols(plan.p_remask), remask_candidates, remask_scores, generator)
         view.confidence = torch.where(unmask, token_p, view.confidence).masked_fill(remask, float("nan"))
         return torch.where(remask, torch.full_like(x_hat, mask_id), x_hat), unmask, remask, extra
 

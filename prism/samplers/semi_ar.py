@@ -8,7 +8,8 @@ right; fixed positions inside the span stay in their block and are never touched
 Steps. Every row spends all ``steps`` steps on its own blocks: with n blocks, each block gets
 ``steps // n`` steps and the last ``steps mod n`` blocks one more (nothing is dropped; when n divides
 ``steps`` this is LLaDA's plan). Each row is planned alone, so a row's decisions do not depend on
-its batch-mates' lengths; a row with more blocks than ``steps`` is refused.
+its batch-mates' lengths (with a KV cache it does: the cache is refreshed when any row starts a
+block); a row with more blocks than ``steps`` is refused.
 
 Within a block of m masked positions and S steps, step j unmasks LLaDA's share (m // S, the first
 m mod S steps one more; ``split_evenly``), taken by the unmasking rule (LLaDA: the most confident,
@@ -24,6 +25,13 @@ PRISM's released ``llada_inference`` remasks first but takes its unmasking candi
 remask, so its decisions are these with the 'central' budget (``gin/samplers/semi_ar_prism_authors.gin``).
 Refilling a just-remasked position in the same step is not offered: under SUBS the pass that chose it
 saw the token clean, so its posterior there is the token itself and the refill would change nothing.
+
+Fast-dLLM (Wu et al. 2025): ``cache`` = 'prefix' | 'dual' reuses keys and values from a full pass at
+each block start (``prism.backbones.kv_cache``; the loop then computes only the block, plus the tail
+for 'prefix'); ``threshold`` = τ decodes in parallel: every masked position of the block whose drawn
+token has probability ≥ τ unmasks too, and each row moves to its next block as soon as the current
+one is complete (``SemiARSchedule._threshold_plans``). Remasking composes with both: it only ever
+touches the current block, which is always recomputed.
 """
 from __future__ import annotations
 
@@ -154,38 +162,47 @@ class SemiARSchedule(Schedule):
             yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=start)
 
     def _threshold_plans(self, state):
-        """Parallel decoding (Fast-dLLM): the rows decode block b together; at step j of a row's S
-        steps for it, the row unmasks at least ⌈m / (S − j)⌉ of its m masked positions (so the block
-        is done within S steps) plus, in the loop, every one whose drawn token has p ≥ τ; it remasks as
-        planned by ``remask_spread`` (never at its last step), and is done with the block as soon as
-        none of it is masked, its unused remasks dropped. The next block starts when every row is done."""
+        """Parallel decoding (Fast-dLLM). Each row goes through its own blocks with its own plan (S
+        steps per block, as without a threshold); at step j of S in a block with m masked positions it
+        unmasks at least ⌈m / (S − j)⌉ (so the block is done within its S steps) plus, in the loop,
+        every one whose drawn token has p ≥ τ, and remasks as ``remask_spread`` plans (never at its last
+        step, no more than later steps unmask). A row moves to its next block as soon as its current
+        one has nothing masked (unused remasks dropped), so it never takes more than ``steps`` steps."""
         fixed = state.fixed
+        B, device = fixed.shape[0], fixed.device
         block_of = self.blocks(fixed)
         n_blocks = (block_of.max(1).values + 1).tolist()
+        per_block = [steps_per_block(self.n_steps, n) if n else [] for n in n_blocks]
         for n in n_blocks:
             self._layout(n)  # refuses rows with more blocks than steps before any pass
-        i = 0
-        for b in range(max(n_blocks, default=0)):
-            S_row = [steps_per_block(self.n_steps, n)[b] if b < n else 0 for n in n_blocks]
-            spread = [SPREADS[self.remask_spread](self.remask_per_block, S) for S in S_row]
-            S = torch.tensor(S_row, dtype=torch.long, device=fixed.device)
-            in_block = (block_of == b) & ~fixed
-            active = in_block.any(1)
-            for j in range(max(S_row)):
-                active = active & (state.masked & in_block).sum(1).gt(0)
-                if not bool(active.any()):
-                    break
-                window = in_block & active[:, None]
-                m = (state.masked & window).sum(1)
-                left = (S - j).clamp(min=1)
-                share = (m + left - 1) // left
-                k = torch.tensor([row[j] if j < len(row) else 0 for row in spread], dtype=torch.long, device=fixed.device)
-                k = torch.where(active & (left > 1), torch.minimum(k, (state.clean & window).sum(1)), torch.zeros_like(k))
-                k = torch.minimum(k, m - share)  # as the planned path: no more than later steps will unmask
-                t, s = self.time(min(i, self.n_steps - 1))
-                yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=j == 0,
-                               threshold=self.threshold)
-                i += 1
+        block, within = [0] * B, [0] * B
+        zeros = torch.zeros(B, dtype=torch.long, device=device)
+        for i in range(self.n_steps):
+            masked_in = state.masked
+            for r in range(B):  # skip finished (or all-fixed) blocks
+                while block[r] < n_blocks[r] and not bool((masked_in[r] & (block_of[r] == block[r])).any()):
+                    block[r], within[r] = block[r] + 1, 0
+            live = [block[r] < n_blocks[r] for r in range(B)]
+            if not any(live):
+                return
+            current = torch.tensor([block[r] if live[r] else -2 for r in range(B)], dtype=torch.long, device=device)
+            window = (block_of == current[:, None]) & ~fixed
+            S = torch.tensor([per_block[r][block[r]] if live[r] else 1 for r in range(B)], dtype=torch.long,
+                             device=device)
+            j = torch.tensor(within, dtype=torch.long, device=device)
+            m = (masked_in & window).sum(1)
+            left = (S - j).clamp(min=1)
+            share = (m + left - 1) // left
+            k = torch.tensor([SPREADS[self.remask_spread](self.remask_per_block, per_block[r][block[r]])[within[r]]
+                              if live[r] and within[r] < per_block[r][block[r]] else 0 for r in range(B)],
+                             dtype=torch.long, device=device)
+            k = torch.where(left > 1, torch.minimum(k, (state.clean & window).sum(1)), zeros)
+            k = torch.minimum(k, m - share)  # as the planned path: no more than later steps will unmask
+            start = any(live[r] and within[r] == 0 for r in range(B))
+            t, s = self.time(i)
+            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=start,
+                           threshold=self.threshold)
+            within = [w + 1 if live[r] else w for r, w in enumerate(within)]
 
 
 @SAMPLERS.register("semi_ar")
