@@ -136,7 +136,7 @@ def sudoku(args) -> dict:
 def sudoku_table(result: dict, args) -> str:
     lines = [f"The shipped Sudoku models, {args.limit} dev puzzles, semi-AR blocks of {args.block_length} cells, "
              f"{args.steps} steps, greedy, most confident first; PRISM: {args.k_block} remasks per block by the "
-             "head. Seconds: sampling the puzzles on 2 CPU cores.", "",
+             f"head. Seconds: sampling the puzzles with {args.threads} CPU thread(s).", "",
              "| model | threshold | cache | success | NFE per batch | s |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         tau = "off" if r["threshold"] is None else f"{r['threshold']}"
