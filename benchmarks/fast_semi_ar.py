@@ -12,8 +12,8 @@ reports tokens/s, passes, and the share of generated tokens equal to the uncache
 same threshold and remasking (the cost of the cache's approximation) and to the plain uncached
 sampler's. Random weights are rarely confident, so the threshold seldom fires here: its speed-up is
 measured on the trained Sudoku models (`sudoku`), which also give the accuracy of every mode.
-`sudoku` runs `samplers.semi_ar` on the shipped Sudoku MDM (remasking off) and the PRISM model
-(gin/sudoku/prism.gin, K_block remasks by the head) over the dev puzzles. Writes OUT.md and OUT.json.
+`sudoku` runs `samplers.semi_ar` on the shipped Sudoku MDM (remasking off) and the k-uniform PRISM
+fine-tune (gin/sudoku/prism_kuniform.gin, K_block remasks by its head) over the dev puzzles. Writes OUT.md and OUT.json.
 """
 import argparse
 import itertools
@@ -90,7 +90,7 @@ def speed(args) -> dict:
 def speed_table(result: dict, args) -> str:
     lines = [f"LLaDA architecture, `{args.size}` ({result['parameters'] / 1e6:.1f}M parameters, random weights), "
              f"prompt {args.prompt_length} + {args.gen_length} generated tokens, blocks of {args.block_length}, "
-             f"{args.steps} steps, greedy, batch {args.batch_size}, {args.threads} CPU threads. Speed-up against "
+             f"{args.steps} steps, greedy, batch {args.batch_size}, {args.threads} CPU thread(s). Speed-up against "
              "the uncached sampler with the same remasking; agreement: share of generated tokens equal to the "
              "uncached sampler's with the same threshold and remasking / to the plain uncached sampler's.", "",
              "| remasking | threshold | cache | NFE | s | tokens/s | speed-up | agreement (same τ) | agreement (plain) |",
@@ -135,8 +135,9 @@ def sudoku(args) -> dict:
 
 def sudoku_table(result: dict, args) -> str:
     lines = [f"The shipped Sudoku models, {args.limit} dev puzzles, semi-AR blocks of {args.block_length} cells, "
-             f"{args.steps} steps, greedy, most confident first; PRISM: {args.k_block} remasks per block by the "
-             f"head. Seconds: sampling the puzzles with {args.threads} CPU thread(s).", "",
+             f"{args.steps} steps, greedy, most confident first; PRISM: the k-uniform fine-tune "
+             f"(gin/sudoku/prism_kuniform.safetensors), {args.k_block} remasks per block by its head. "
+             f"Seconds: sampling the puzzles with {args.threads} CPU thread(s).", "",
              "| model | threshold | cache | success | NFE per batch | s |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         tau = "off" if r["threshold"] is None else f"{r['threshold']}"
