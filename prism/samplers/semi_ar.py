@@ -172,9 +172,11 @@ class SemiARSchedule(Schedule):
         B, device = fixed.shape[0], fixed.device
         block_of = self.blocks(fixed)
         n_blocks = (block_of.max(1).values + 1).tolist()
-        per_block = [steps_per_block(self.n_steps, n) if n else [] for n in n_blocks]
         for n in n_blocks:
             self._layout(n)  # refuses rows with more blocks than steps before any pass
+        per_block = [steps_per_block(self.n_steps, n) if n else [] for n in n_blocks]
+        # each row's remasks per step of each of its blocks, planned once
+        spreads = [[SPREADS[self.remask_spread](self.remask_per_block, S) for S in row] for row in per_block]
         block, within = [0] * B, [0] * B
         zeros = torch.zeros(B, dtype=torch.long, device=device)
         for i in range(self.n_steps):
@@ -193,9 +195,8 @@ class SemiARSchedule(Schedule):
             m = (masked_in & window).sum(1)
             left = (S - j).clamp(min=1)
             share = (m + left - 1) // left
-            k = torch.tensor([SPREADS[self.remask_spread](self.remask_per_block, per_block[r][block[r]])[within[r]]
-                              if live[r] and within[r] < per_block[r][block[r]] else 0 for r in range(B)],
-                             dtype=torch.long, device=device)
+            k = torch.tensor([spreads[r][block[r]][within[r]] if live[r] and within[r] < per_block[r][block[r]]
+                              else 0 for r in range(B)], dtype=torch.long, device=device)
             k = torch.where(left > 1, torch.minimum(k, (state.clean & window).sum(1)), zeros)
             k = torch.minimum(k, m - share)  # as the planned path: no more than later steps will unmask
             start = any(live[r] and within[r] == 0 for r in range(B))
