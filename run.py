@@ -139,13 +139,19 @@ def git_commit() -> Dict[str, Optional[str]]:
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def run_info(args: argparse.Namespace, accelerator) -> dict:
+def package_versions(packages=VERSIONED) -> dict:
+    """The installed version of each package (None when it is not installed)."""
     versions = {}
-    for pkg in VERSIONED:
+    for pkg in packages:
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    return versions
+
+
+def run_info(args: argparse.Namespace, accelerator) -> dict:
+    versions = package_versions()
     return {
         "argv": sys.argv,
         "command": args.command,

@@ -33,7 +33,6 @@ import os
 import shlex
 import sys
 import time
-from importlib import metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -125,16 +124,6 @@ def sample(exp, args, device):
         for tokens in out.tokens.cpu():
             records.append({"index": len(records), "tokens": tokens.tolist(), "text": task.decode(tokens)})
     return records, nfe, time.time() - t0
-
-
-def versions():
-    out = {}
-    for pkg in VERSIONED:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def fmt(value, digits):
@@ -283,7 +272,8 @@ def main(argv=None):
         if same != {k: v for k, v in settings.items() if k != "metrics"}:
             raise SystemExit(f"--resume: {json_path} was made with other settings ({same}); use another --out")
     settings["metrics"] = sorted(set(args.metrics) | {"entropy"})
-    res.update(argv=sys.argv if argv is None else ["benchmarks/owt_sweep.py"] + list(argv), versions=versions(),
+    res.update(argv=sys.argv if argv is None else ["benchmarks/owt_sweep.py"] + list(argv),
+               versions=run.package_versions(VERSIONED),
                git=run.git_commit(), device=str(device), threads=torch.get_num_threads())
 
     exp = build(args, args.samplers[0], args.nfe[0])  # the task: references, decoding, seq_len
