@@ -32,6 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from prism.safetensors_stream import iter_tensors
+
 CKPT_PREFIX = "step_"
 WEIGHTS = "weights.safetensors"
 HF_WEIGHTS = "model.safetensors"
@@ -186,12 +188,18 @@ def load_weights(model: torch.nn.Module, path: str, new_modules: Patterns = (), 
     if dtype is not None:
         model.to(dtype=dtype)
         own = model.state_dict()
-    for file in files:  # one tensor in memory at a time, copied (and cast) into the model's own storage
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                name = map_key(key, key_map)
-                if name is not None:
-                    own[name].copy_(f.get_tensor(key))
+    for file in files:  # read (and cast) straight into the model's own storage: no second copy of anything
+        def target(key, shape, _):
+            name = map_key(key, key_map)
+            if name is None:
+                return None
+            dest = own[name]
+            return dest if dest.device.type == "cpu" and dest.is_contiguous() else torch.empty_like(dest, device="cpu")
+
+        for key, tensor in iter_tensors(file, target):
+            dest = own[map_key(key, key_map)]
+            if tensor is not dest:
+                dest.copy_(tensor)
     return path
 
 

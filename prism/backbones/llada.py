@@ -36,7 +36,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from prism.backbones.base import Backbone, BackboneOutput, cache_ranges, key_padding_bias
+from prism.backbones.upcast_linear import UpcastLinear
 from prism.checkpoint import HF_INDEX, HF_WEIGHTS, as_dtype, write_safetensors
+from prism.safetensors_stream import iter_tensors
 from registry import BACKBONES, closest_names
 
 try:  # optional CUDA path
@@ -141,12 +143,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class LLaDABlock(nn.Module):
     """Pre-norm Llama block: x + attn_out(Attn(attn_norm(x))), then x + ff_out(silu(ff_proj) * up_proj)."""
 
-    def __init__(self, cfg: Dict[str, Any], dtype=None, attn_implementation: str = "sdpa"):
+    def __init__(self, cfg: Dict[str, Any], dtype=None, attn_implementation: str = "sdpa", matmul: str = "auto"):
         super().__init__()
         d, h, kv, hidden = cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"], cfg["mlp_hidden_size"]
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, d // h
         self.attn_implementation = attn_implementation
-        lin = lambda i, o: nn.Linear(i, o, bias=False, dtype=dtype)  # noqa: E731
+        lin = lambda i, o: UpcastLinear(i, o, bias=False, dtype=dtype, matmul=matmul)  # noqa: E731
         self.attn_norm = RMSNorm(d, cfg["rms_norm_eps"], dtype)
         self.q_proj, self.k_proj, self.v_proj = lin(d, d), lin(d, kv * self.head_dim), lin(d, kv * self.head_dim)
         self.attn_out = lin(d, d)
@@ -201,12 +203,15 @@ class LLaDABackbone(Backbone):
     - ``attn_implementation``: ``'sdpa'`` (default), ``'eager'`` or ``'flash_attn'`` (used on CUDA in half
       precision without padding when flash-attn is installed; SDPA otherwise).
     - ``device``: where the weights go (loaded straight there; ``'meta'`` builds shapes only).
+    - ``matmul``: 'auto' | 'upcast' | 'native': how bf16 Linears multiply on a CPU without bf16 units
+      (``prism.backbones.upcast_linear``: the same product with float32 accumulation, several times faster
+      there; 'auto' upcasts only on such CPUs).
     """
 
     def __init__(self, model_name_or_path: Optional[str] = None, revision: Optional[str] = REVISION,
                  preset: Optional[str] = None, config: Optional[Dict[str, Any]] = None, dtype: Optional[str] = None,
                  mask_id: Optional[int] = None, gradient_checkpointing: bool = False,
-                 attn_implementation: str = "sdpa", device: Optional[str] = None):
+                 attn_implementation: str = "sdpa", device: Optional[str] = None, matmul: str = "auto"):
         super().__init__()
         if attn_implementation not in ("sdpa", "eager", "flash_attn"):
             raise ValueError(f"backbones.llada.attn_implementation must be 'sdpa', 'eager' or 'flash_attn', "
@@ -241,9 +246,11 @@ class LLaDABackbone(Backbone):
             self.model = nn.Module()
             self.model.transformer = nn.ModuleDict(dict(
                 wte=nn.Embedding(cfg["embedding_size"], cfg["d_model"], dtype=torch_dtype),
-                blocks=nn.ModuleList(LLaDABlock(cfg, torch_dtype, attn_implementation) for _ in range(cfg["n_layers"])),
+                blocks=nn.ModuleList(LLaDABlock(cfg, torch_dtype, attn_implementation, matmul)
+                                     for _ in range(cfg["n_layers"])),
                 ln_f=RMSNorm(cfg["d_model"], cfg["rms_norm_eps"], torch_dtype),
-                ff_out=nn.Linear(cfg["d_model"], cfg["embedding_size"], bias=False, dtype=torch_dtype),
+                ff_out=UpcastLinear(cfg["d_model"], cfg["embedding_size"], bias=False, dtype=torch_dtype,
+                                    matmul=matmul),
             ))
         if directory is not None:
             self.load_released(directory, torch_dtype, device or "cpu")
@@ -259,7 +266,8 @@ class LLaDABackbone(Backbone):
     @torch.no_grad()
     def load_released(self, directory: str, dtype: torch.dtype, device="cpu") -> None:
         """Fill the meta-built module from ``directory``'s safetensors, one shard at a time, each tensor
-        cast to ``dtype`` as read and assigned in place of its meta parameter. Missing, unexpected and
+        read (cast to ``dtype``) into a fresh tensor that replaces its meta parameter: the peak is the
+        model's bytes plus one staging buffer (``prism.safetensors_stream``). Missing, unexpected and
         mis-shaped names are an error before anything is read."""
         files = checkpoint_files(directory)
         own = {n: tuple(t.shape) for n, t in self.state_dict().items()}
@@ -276,9 +284,11 @@ class LLaDABackbone(Backbone):
             raise ValueError(f"LLaDA checkpoint {directory} does not match its config: missing {len(missing)} "
                              f"{show(missing)}; unexpected {len(unexpected)} {show(unexpected)}; shape mismatches "
                              f"{len(shapes)} {show(shapes)}")
+        device = torch.device(device)
         for file in files:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                shard = {key: f.get_tensor(key).to(dtype) for key in f.keys()}
+            # read straight into each parameter's final storage (no memory map, no second copy)
+            fill = iter_tensors(file, lambda key, shape, _: torch.empty(shape, dtype=dtype))
+            shard = {key: t.to(device) for key, t in fill}
             self.load_state_dict(shard, strict=False, assign=True)
             del shard
         still_meta = [n for n, p in self.named_parameters() if p.is_meta]
