@@ -3,6 +3,7 @@ agreement on LLaDA-architecture models, and what it costs in accuracy on the Sud
 
     python benchmarks/fast_semi_ar.py speed --size mid      # none / prefix / dual x threshold x remasking
     python benchmarks/fast_semi_ar.py sudoku --limit 250    # success rate of the shipped Sudoku models
+    python benchmarks/fast_semi_ar.py uncached --size mid   # the uncached sampler: full vs window-only logits
 
 `speed` builds a randomly initialised LLaDA (`tiny`: the test preset; `mid`: d=512, 8 layers, 8 heads,
 MLP 1536, a 32,768-token vocabulary, 61M parameters), a linear quality head with random weights, and
@@ -13,7 +14,11 @@ same threshold and remasking (the cost of the cache's approximation) and to the 
 sampler's. Random weights are rarely confident, so the threshold seldom fires here: its speed-up is
 measured on the trained Sudoku models (`sudoku`), which also give the accuracy of every mode.
 `sudoku` runs `samplers.semi_ar` on the shipped Sudoku MDM (remasking off) and the k-uniform PRISM
-fine-tune (gin/sudoku/prism_kuniform.gin, K_block remasks by its head) over the dev puzzles. Writes OUT.md and OUT.json.
+fine-tune (gin/sudoku/prism_kuniform.gin, K_block remasks by its head) over the dev puzzles.
+`uncached` times the sampler without a KV cache twice per remasking setting: every pass's output layer
+and SUBS softmax on all L positions (`window_logits = False`, the earlier path) and on the span of the
+rows' blocks only (the default), and checks that both give the same tokens. Tokens/s everywhere count
+generated tokens only (the non-fixed positions: never the prompt or padding). Writes OUT.md and OUT.json.
 """
 import argparse
 import itertools
@@ -71,7 +76,8 @@ def speed(args) -> dict:
         start = time.perf_counter()
         out = sampler(model, batch, torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - start
-        gen = out.tokens[:, args.prompt_length:]
+        gen = out.tokens[:, args.prompt_length:]  # the generated positions (no padding in this batch)
+        assert gen.numel() == generated(batch)
         outputs[(remask, threshold, cache)] = gen
         same = outputs[(remask, threshold, "none")]
         plain = outputs[(remask, None, "none")]
@@ -85,6 +91,55 @@ def speed(args) -> dict:
         r["speedup"] = base[r["remask_per_block"]] / r["seconds"]
     n_params = sum(p.numel() for p in model.parameters())
     return dict(rows=rows, parameters=n_params)
+
+
+def generated(batch) -> int:
+    """The number of generated tokens of a batch: its non-fixed positions (what tokens/s counts)."""
+    return int((~batch["fixed"].bool()).sum())
+
+
+def uncached(args) -> dict:
+    """The uncached sampler with the output layer and SUBS on all L positions vs on the window's span."""
+    from prism.samplers.semi_ar import semi_ar_sampler
+
+    torch.set_num_threads(args.threads)
+    model = llada_model(args.size)
+    batch = prompt_batch(model, args.prompt_length, args.gen_length, args.batch_size)
+    n_blocks = -(-args.gen_length // args.block_length)
+    semi_ar_sampler(steps=n_blocks, block_length=args.block_length)(model, batch, torch.Generator().manual_seed(0))
+    rows = []
+    for remask in (0, args.k_block):
+        tokens = {}
+        for window_logits in (False, True):
+            sampler = semi_ar_sampler(steps=args.steps, block_length=args.block_length, remask_per_block=remask)
+            sampler.window_logits = window_logits
+            start = time.perf_counter()
+            out = sampler(model, batch, torch.Generator().manual_seed(0))
+            seconds = time.perf_counter() - start
+            tokens[window_logits] = out.tokens
+            rows.append(dict(remask_per_block=remask, window_logits=window_logits, seconds=seconds, nfe=out.nfe,
+                             tokens_per_s=generated(batch) / seconds))
+            print(f"K_block={remask} window_logits={window_logits}: {seconds:7.2f} s, "
+                  f"{rows[-1]['tokens_per_s']:7.1f} tok/s, NFE {out.nfe}", flush=True)
+        rows[-1]["same_tokens"] = bool(torch.equal(tokens[False], tokens[True]))
+        rows[-1]["speedup"] = rows[-2]["seconds"] / seconds
+    return dict(rows=rows, parameters=sum(p.numel() for p in model.parameters()))
+
+
+def uncached_table(result: dict, args) -> str:
+    lines = [f"LLaDA architecture, `{args.size}` ({result['parameters'] / 1e6:.1f}M parameters, random weights), "
+             f"no KV cache, prompt {args.prompt_length} + {args.gen_length} generated tokens, blocks of "
+             f"{args.block_length}, {args.steps} steps, greedy, batch {args.batch_size}, {args.threads} CPU "
+             "thread(s). Output layer + SUBS softmax on all positions (before) vs on the block's span (after).", "",
+             "| remasking | output layer on | NFE | s | tokens/s | speed-up | same tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        rem = f"PRISM, K_block = {r['remask_per_block']}" if r["remask_per_block"] else "off"
+        on = "the block's span" if r["window_logits"] else "all positions"
+        same = "yes" if r.get("same_tokens") else "NO"
+        extra = f"{r['speedup']:.2f}× | {same}" if r["window_logits"] else "1.00× | –"
+        lines.append(f"| {rem} | {on} | {r['nfe']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {extra} |")
+    return "\n".join(lines) + "\n"
 
 
 def speed_table(result: dict, args) -> str:
@@ -149,7 +204,7 @@ def sudoku_table(result: dict, args) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("speed", "sudoku"))
+    parser.add_argument("part", choices=("speed", "sudoku", "uncached"))
     parser.add_argument("--size", choices=("tiny", "mid"), default="mid")
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--gen-length", type=int, default=512)
@@ -164,14 +219,16 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="OUT.md / OUT.json (default benchmarks/results/fast_semi_ar_<part>)")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"fast_semi_ar_{args.part}"
-                                   + (f"_{args.size}" if args.part == "speed" else ""))
-    result = speed(args) if args.part == "speed" else sudoku(args)
+                                   + (f"_{args.size}" if args.part != "sudoku" else ""))
+    parts = {"speed": (speed, speed_table), "sudoku": (sudoku, sudoku_table), "uncached": (uncached, uncached_table)}
+    run_part, table = parts[args.part]
+    result = run_part(args)
     result.update(argv=sys.argv, torch=torch.__version__, python=platform.python_version(),
                   cpu=platform.processor() or platform.machine())
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(out + ".md", "w") as f:
-        f.write(speed_table(result, args) if args.part == "speed" else sudoku_table(result, args))
+        f.write(table(result, args))
     print(f"wrote {out}.json")
 
 

@@ -161,6 +161,8 @@ class MDM(nn.Module):
     def vocab_size(self) -> int:
         return self.backbone.vocab_size
 
+    supports_keep = True  # forward(..., keep=(a, b)) without a cache: outputs for positions a..b-1 only
+
     @property
     def supports_kv_cache(self) -> bool:
         """Whether ``forward`` takes ``cache`` / ``compute`` / ``keep`` (backbone and head both do)."""
@@ -177,23 +179,32 @@ class MDM(nn.Module):
         ``cache`` (a ``KVCache``), ``compute=(lo, hi)``, ``keep=(a, b)``: Fast-dLLM's approximate KV cache
         (``prism.backbones.kv_cache``), passed to the backbone and the head. ``input_ids`` / ``attention_mask``
         stay the full (B, L); ``hidden_states`` covers the computed positions (a refresh: all L), while
-        ``log_probs``, ``token_log_probs`` and ``quality_logits`` cover positions a..b-1 (default: compute)."""
+        ``log_probs``, ``token_log_probs`` and ``quality_logits`` cover positions a..b-1 (default: compute).
+        ``keep`` without a cache: every position is computed (the head reads all L hidden states), the
+        output layer and the SUBS softmax run on a..b-1 only (a sampler's window)."""
         if cache is not None and not self.supports_kv_cache:
             parts = [type(self.backbone).__name__] + ([type(self.head).__name__] if self.head is not None else [])
             raise ValueError(f"{' + '.join(parts)} does not support the KV cache (supports_kv_cache is False): "
                              "use samplers.semi_ar.cache = 'none'")
         lo, _, a, b = cache_ranges(cache, compute, keep, input_ids.shape[1])
-        kw = {} if cache is None else dict(cache=cache, compute=compute, keep=keep)
+        narrow = getattr(self.backbone, "supports_kv_cache", False)  # its forward takes keep= (output layer on a..b-1)
+        if cache is not None:
+            kw = dict(cache=cache, compute=compute, keep=keep)
+        else:
+            kw = {"keep": keep} if keep is not None and narrow else {}
         # a backbone that can skip its output layer does so when the pass needs no log-probs
         skip = {"logits": False} if not log_probs and getattr(self.backbone, "skips_logits", False) else {}
         out = self.backbone(input_ids, attention_mask=attention_mask, t=t, **skip, **kw)
+        logits = out.logits
+        if cache is None and keep is not None and not narrow and logits is not None:
+            logits = logits[:, a:b]  # a backbone without keep=: at least the SUBS softmax runs on a..b-1 only
         quality = None
         if self.head is not None:
             head_kw = {} if cache is None else dict(cache=cache, compute=compute)
             quality = self.head(out.hidden_states, out.cond, attention_mask, **head_kw)[:, a - lo:b - lo]
         if not log_probs:
             return MDMOutput(None, out.hidden_states, quality, None)
-        subs, token_log_probs = subs_log_probs(out.logits, input_ids[:, a:b], self.mask_id,
+        subs, token_log_probs = subs_log_probs(logits, input_ids[:, a:b], self.mask_id,
                                                return_token_log_probs=True, inplace=True)
         return MDMOutput(subs, out.hidden_states, quality, token_log_probs)
 

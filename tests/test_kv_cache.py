@@ -173,7 +173,7 @@ class _NoCache(Backbone):
 def test_errors():
     model, ids, mask, t = _setup("dit", AttentionHead)
     L = ids.shape[1]
-    with pytest.raises(ValueError, match="need a KV cache"):
+    with pytest.raises(ValueError, match="needs a KV cache"):
         model(ids, compute=(0, 4))
     with pytest.raises(ValueError, match="refresh"):
         model(ids, cache=KVCache(), compute=(0, 4))
@@ -196,3 +196,41 @@ def test_errors():
     with pytest.raises(ValueError, match=r"_NoCache.*samplers\.semi_ar\.cache = 'none'"):
         other(torch.zeros(1, 3, dtype=torch.long), cache=KVCache())
     assert other(torch.zeros(1, 3, dtype=torch.long)).log_probs.shape == (1, 3, 5)  # no cache: as before
+
+
+@torch.no_grad()
+def test_sub_batch_refresh_and_own_columns_touch_only_their_rows_and_columns():
+    """``KVCache.select``: a refresh of some rows rewrites only theirs; a partial pass writes, per row,
+    only its ``own`` columns and attends, elsewhere, over that row's cached keys (batch invariance)."""
+    model, ids, mask, t = _setup("llada", AttentionHead)
+    L = ids.shape[1]
+    cache = KVCache(batch_size=B)
+    model(ids, mask, t, cache=cache)
+    before = {n: (k.clone(), v.clone()) for n, (k, v) in cache.layers.items()}
+    changed = ids.clone()
+    changed[:, 6:10] = 3
+    rows = torch.tensor([1])
+    with cache.select(rows):
+        alone = model(changed[rows], mask[rows], cache=cache)
+    for n, (k, _) in cache.layers.items():
+        assert torch.equal(k[0], before[n][0][0]) and not torch.equal(k[1], before[n][0][1])
+    ref = model(changed[rows], mask[rows])
+    _close(alone.log_probs, ref.log_probs, ATOL_EXACT)
+    # a partial pass over 4..12 in which row 0 owns only 6..10: its other columns keep the refresh's keys
+    own = torch.zeros(B, L, dtype=torch.bool)
+    own[0, 6:10] = True
+    own[1, 4:12] = True
+    snap = {n: k.clone() for n, (k, _) in cache.layers.items()}
+    with cache.select(None, own):
+        out = model(changed, mask, cache=cache, compute=(4, 12))
+    for n, (k, _) in cache.layers.items():
+        assert torch.equal(k[0, :, :6], snap[n][0, :, :6]) and torch.equal(k[0, :, 10:], snap[n][0, :, 10:])
+        assert not torch.equal(k[0, :, 6:10], snap[n][0, :, 6:10])
+    alone0 = KVCache()  # row 0 alone, from its refresh: a partial pass over its own columns only
+    alone0.layers = {n: (k[:1].clone(), v[:1].clone()) for n, (k, v) in before.items()}
+    ref0 = model(changed[:1], mask[:1], cache=alone0, compute=(6, 10))
+    _close(out.log_probs[0, 2:6], ref0.log_probs[0], ATOL)
+    unsized = KVCache()
+    with pytest.raises(ValueError, match="batch_size"):
+        with unsized.select(rows):
+            model(ids[rows], mask[rows], cache=unsized)

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from prism.backbones.base import KVCache
+from prism.model import MDMOutput
 from prism.samplers.draw import CategoricalDraw
 from prism.ops import select_top
 from prism.samplers.rules import RandomUnmask, UnmaskRule
@@ -119,6 +120,59 @@ def span_view(state: SamplerState, lo: int, hi: int) -> SamplerState:
     return view
 
 
+def _rows(select: torch.Tensor) -> Optional[torch.Tensor]:
+    """The sub-batch of a (B,) bool: None for all rows (no gathering), else their indices."""
+    return None if bool(select.all()) else select.nonzero().squeeze(1)
+
+
+def cached_pass(model, z, attention_mask, t, kv: KVCache, filled, plan, span, dual: bool, every_step: bool):
+    """One KV-cached step with per-row caches (so a row's output never depends on its batch-mates):
+    the rows starting a window (or never refreshed; all active rows with ``every_step``) run a full
+    pass that refreshes their cache rows only; the other active rows run a partial pass over the
+    union span (dual) or from it to the end (prefix) that writes, per row, only its own columns.
+    Both keep the outputs of ``span``; rows with an empty window run nothing (zeros in the output).
+    Without a window every row's columns are all L (a refresh at the first pass, partial passes after)."""
+    B, L = z.shape
+    window = plan.window if plan.window is not None else torch.ones(B, L, dtype=torch.bool, device=z.device)
+    active = window.any(1)
+    starts = plan.starts.to(z.device) if plan.starts is not None else torch.full_like(active, plan.block_start)
+    refresh = active & (starts | ~filled | every_step)
+    partial = active & ~refresh
+    take = lambda x, rows: x if x is None or rows is None else x[rows]  # noqa: E731
+    parts = []
+    if refresh.any():
+        rows = _rows(refresh)
+        with kv.select(rows):
+            parts.append((rows, model(take(z, rows), attention_mask=take(attention_mask, rows), t=take(t, rows),
+                                      cache=kv, keep=span)))
+        filled |= refresh
+    if partial.any():
+        rows = _rows(partial)
+        pos = torch.arange(L, device=z.device)
+        first = torch.where(window, pos, L).min(1).values[:, None]
+        last = torch.where(window, pos, -1).max(1).values[:, None]
+        own = (pos >= first) & ((pos <= last) if dual else True)  # each row's columns when alone
+        compute = span if dual else (span[0], L)
+        own = take(own, rows)
+        own = None if bool(own[:, compute[0]:compute[1]].all()) else own
+        with kv.select(rows, own):
+            parts.append((rows, model(take(z, rows), attention_mask=take(attention_mask, rows), t=take(t, rows),
+                                      cache=kv, compute=compute, keep=span)))
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1]
+
+    def merged(name):
+        got = [(rows, getattr(out, name, None)) for rows, out in parts]
+        if any(v is None for _, v in got):
+            return None
+        whole = got[0][1].new_zeros((B,) + tuple(got[0][1].shape[1:]))
+        for rows, v in got:
+            whole[slice(None) if rows is None else rows] = v
+        return whole
+
+    return MDMOutput(merged("log_probs"), None, merged("quality_logits"), merged("token_log_probs"))
+
+
 @SAMPLERS.register("loop")
 class Sampler:
     """A sampler = schedule + unmasking rule + draw (+ remasking rule), run by one loop.
@@ -135,10 +189,20 @@ class Sampler:
     (remasking never touches a cached position: it stays inside the window). ``refresh = 'step'``
     makes every pass a full one, which reproduces the uncached samples exactly for count plans with
     rules that draw no random numbers (random rules draw theirs over the computed columns only: the
-    same law, another stream). A refresh happens when any row starts a block and the computed columns
-    are the union of the rows' windows, so with a cache a row's sample depends on its batch-mates.
+    same law, another stream). Batch invariance: each row's cache is its own (``cached_pass``): only
+    the rows that start a block (``StepPlan.starts``) are refreshed, in a pass of their own; the
+    others run a partial pass over the union of the rows' columns that writes, per row, only that
+    row's own columns (its window's span; 'prefix': from its window to the end), so every row attends
+    to its own fresh columns and, elsewhere, to its own last refresh, exactly as alone. ``nfe`` counts
+    the steps that ran the network (a step's sub-batch passes are one evaluation of each row).
     A plan's ``threshold`` τ (parallel decoding) also unmasks every candidate whose drawn token has
     probability ≥ τ, beyond the planned count.
+
+    ``window_logits``: without a KV cache, a pass still computes every position (full attention) but
+    the output layer and the SUBS softmax only on the columns the step may change (the span of the
+    rows' windows), for models that take ``keep=`` (``MDM.supports_keep``) and remasking rules that
+    run no network of their own. The same decisions, except that random rules draw over those
+    columns (the same law, another stream).
     """
 
     def __init__(
@@ -151,8 +215,10 @@ class Sampler:
         remask_rule=None,
         kv_cache: str = "none",
         refresh: str = "block",
+        window_logits: bool = True,
     ):
         check_kv_cache(kv_cache, refresh)
+        self.window_logits = window_logits
         self.schedule = schedule
         self.unmask_rule = unmask_rule or RandomUnmask()
         self.draw = draw or CategoricalDraw()
@@ -183,20 +249,22 @@ class Sampler:
         state.attention_mask = attention_mask  # rules that run a network of their own pass it on
         B, L = z.shape
         cache = self.cache and not getattr(model, "time_conditioned", False)
-        kv = None if self.kv_cache == "none" else KVCache()
+        kv = None if self.kv_cache == "none" else KVCache(batch_size=B)
+        filled = torch.zeros(B, dtype=torch.bool, device=z.device)  # rows whose cache a refresh has filled
+        narrow = kv is None and self.window_logits and getattr(model, "supports_keep", False) \
+            and not getattr(self.remask_rule, "extra_passes", 0)
         nfe, out, out_span, steps = 0, None, None, []
 
-        def predict(t: float, span=None, block_start: bool = False):
+        def predict(t: float, plan=None, span=None):
             nonlocal nfe
             nfe += 1
             tt = torch.full((B,), t, device=z.device)
-            if kv is None or span is None:
+            if span is None or span == (0, L) and kv is None:
                 return model(state.z, attention_mask=attention_mask, t=tt)
-            lo, hi = span
-            if block_start or self.refresh == "step" or not kv.layers:  # a full pass fills the cache
-                return model(state.z, attention_mask=attention_mask, t=tt, cache=kv, keep=span)
-            compute = (lo, hi) if self.kv_cache == "dual" else (lo, L)
-            return model(state.z, attention_mask=attention_mask, t=tt, cache=kv, compute=compute, keep=span)
+            if kv is None:  # the whole sequence computed, its outputs only on the window's columns
+                return model(state.z, attention_mask=attention_mask, t=tt, keep=span)
+            return cached_pass(model, state.z, attention_mask, tt, kv, filled, plan, span,
+                               dual=self.kv_cache == "dual", every_step=self.refresh == "step")
 
         for i, plan in enumerate(self.schedule.plans(state)):
             state.step = i
@@ -204,18 +272,19 @@ class Sampler:
                 if self.schedule.remasks:
                     continue
                 break
-            span = column_span(plan.window, L) if kv is not None else (0, L)
+            span = column_span(plan.window, L) if kv is not None or narrow else (0, L)
             if span[0] == span[1]:
                 continue
+            # (with window-only logits a moved window needs a pass even when the state is unchanged)
             if out is None or not cache or span != out_span or (kv is not None and plan.block_start):
-                out, out_span = predict(plan.t, span if kv is not None else None, plan.block_start), span
+                out, out_span = predict(plan.t, plan, span), span
             lo, hi = span
-            view = span_view(state, lo, hi) if kv is not None else state
+            view = span_view(state, lo, hi) if span != (0, L) else state
             new_z, unmask, remask, extra = self.step(model, view, out, plan, lo, hi, generator)
             nfe += extra
             if trace:
                 steps.append(self._trace(i, plan, state, view, unmask, remask, lo, hi))
-            if kv is not None:
+            if view is not state:
                 state.confidence[:, lo:hi] = view.confidence
                 new_z = torch.cat([state.z[:, :lo], new_z, state.z[:, hi:]], 1)
             else:

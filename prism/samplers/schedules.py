@@ -24,8 +24,9 @@ class StepPlan:
     remasking candidates the clean generated positions before the step (``remask_fresh``: also those
     unmasked in this step, as Token-Critic re-decides every position); both within ``window``
     ((B, L) bool, e.g. the current semi-autoregressive block) when given. ``block_start``: a row
-    begins a new window (a KV-cached sampler refreshes its cache); ``threshold``: parallel decoding
-    (Fast-dLLM), every candidate whose drawn token has probability ≥ τ unmasks beyond the count."""
+    begins a new window, ``starts`` which ones (a KV-cached sampler refreshes those rows' cache);
+    ``threshold``: parallel decoding (Fast-dLLM), every candidate whose drawn token has probability
+    ≥ τ unmasks beyond the count."""
 
     t: float
     s: float
@@ -36,6 +37,7 @@ class StepPlan:
     window: Optional[torch.Tensor] = None
     remask_fresh: bool = False
     block_start: bool = False  # some row starts a new window here: a KV cache is refreshed
+    starts: Optional[torch.Tensor] = None  # (B,) bool: the rows that start a window (None: all if block_start)
     threshold: Optional[float] = None  # also unmask every candidate whose drawn token has p >= threshold
 
     @property

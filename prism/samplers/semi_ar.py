@@ -7,9 +7,9 @@ right; fixed positions inside the span stay in their block and are never touched
 
 Steps. Every row spends all ``steps`` steps on its own blocks: with n blocks, each block gets
 ``steps // n`` steps and the last ``steps mod n`` blocks one more (nothing is dropped; when n divides
-``steps`` this is LLaDA's plan). Each row is planned alone, so a row's decisions do not depend on
-its batch-mates' lengths (with a KV cache it does: the cache is refreshed when any row starts a
-block); a row with more blocks than ``steps`` is refused.
+``steps`` this is LLaDA's plan). Each row is planned alone and, with a KV cache, keeps a cache of its
+own (refreshed when it starts a block, ``StepPlan.starts``), so a row's tokens do not depend on its
+batch-mates (their lengths, padding or blocks); a row with more blocks than ``steps`` is refused.
 
 Within a block of m masked positions and S steps, step j unmasks LLaDA's share (m // S, the first
 m mod S steps one more; ``split_evenly``), taken by the unmasking rule (LLaDA: the most confident,
@@ -30,8 +30,12 @@ Fast-dLLM (Wu et al. 2025): ``cache`` = 'prefix' | 'dual' reuses keys and values
 each block start (``prism.backbones.kv_cache``; the loop then computes only the block, plus the tail
 for 'prefix'); ``threshold`` = τ decodes in parallel: every masked position of the block whose drawn
 token has probability ≥ τ unmasks too, and each row moves to its next block as soon as the current
-one is complete (``SemiARSchedule._threshold_plans``). Remasking composes with both: it only ever
-touches the current block, which is always recomputed.
+one is complete. ``threshold_rule`` says what else a step unmasks: 'planned' (the default,
+``SemiARSchedule._threshold_plans``) the planned share, so a block never takes more than its steps;
+'fast_dllm' (``_fast_dllm_plans``, Fast-dLLM's ``get_transfer_index``) only the most confident
+position, the block looping until it is complete (``steps`` ignored, the pass count data-dependent).
+Remasking composes with the cache and the planned rule: it only ever touches the current block, which
+is always recomputed.
 """
 from __future__ import annotations
 
@@ -89,7 +93,7 @@ class SemiARSchedule(Schedule):
     ``remask_spread`` ('inner' | 'central')."""
 
     def __init__(self, steps: int = 128, block_length: int = 32, remask_per_block: int = 0,
-                 remask_spread: str = "inner", threshold: Optional[float] = None):
+                 remask_spread: str = "inner", threshold: Optional[float] = None, threshold_rule: str = "planned"):
         if block_length < 1 or steps < 1:
             raise ValueError(f"need block_length >= 1 and steps >= 1, got {block_length}, {steps}")
         if remask_per_block < 0:
@@ -99,7 +103,14 @@ class SemiARSchedule(Schedule):
         self.n_steps, self.block_length, self.remask_per_block = steps, block_length, remask_per_block
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1] (a probability; None: off), got {threshold}")
-        self.remask_spread, self.threshold = remask_spread, threshold
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
+        if threshold_rule == "fast_dllm" and threshold is None:
+            raise ValueError("threshold_rule = 'fast_dllm' needs a threshold (e.g. 0.9)")
+        if threshold_rule == "fast_dllm" and remask_per_block:
+            raise ValueError("threshold_rule = 'fast_dllm' has no step plan to spread remasks over: use "
+                             "remask_per_block = 0, or threshold_rule = 'planned' with remasking")
+        self.remask_spread, self.threshold, self.threshold_rule = remask_spread, threshold, threshold_rule
         self.remasks = remask_per_block > 0
         self._layouts = {}
 
@@ -140,7 +151,8 @@ class SemiARSchedule(Schedule):
 
     def plans(self, state):
         if self.threshold is not None:
-            yield from self._threshold_plans(state)
+            rule = self._fast_dllm_plans if self.threshold_rule == "fast_dllm" else self._threshold_plans
+            yield from rule(state)
             return
         fixed = state.fixed
         block_of = self.blocks(fixed)
@@ -158,8 +170,9 @@ class SemiARSchedule(Schedule):
             share = base + (j < rem).long()
             k = torch.minimum(remask_at[:, i], (state.clean & window).sum(1))
             k = torch.minimum(k, m - (j + 1) * base - torch.minimum(j + 1, rem))  # refillable later in the block
-            start = bool(((j == 0) & (block_at[:, i] >= 0)).any())
-            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=start)
+            starts = (j == 0) & (block_at[:, i] >= 0)
+            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=bool(starts.any()),
+                           starts=starts)
 
     def _threshold_plans(self, state):
         """Parallel decoding (Fast-dLLM). Each row goes through its own blocks with its own plan (S
@@ -199,23 +212,60 @@ class SemiARSchedule(Schedule):
                               else 0 for r in range(B)], dtype=torch.long, device=device)
             k = torch.where(left > 1, torch.minimum(k, (state.clean & window).sum(1)), zeros)
             k = torch.minimum(k, m - share)  # as the planned path: no more than later steps will unmask
-            start = any(live[r] and within[r] == 0 for r in range(B))
+            starts = torch.tensor([live[r] and within[r] == 0 for r in range(B)], dtype=torch.bool, device=device)
             t, s = self.time(i)
-            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=start,
-                           threshold=self.threshold)
+            yield StepPlan(t, s, n_unmask=share + k, n_remask=k, window=window, block_start=bool(starts.any()),
+                           starts=starts, threshold=self.threshold)
             within = [w + 1 if live[r] else w for r, w in enumerate(within)]
+
+
+    def _fast_dllm_plans(self, state):
+        """Fast-dLLM's own rule (its ``get_transfer_index`` with a threshold): each row loops over its
+        current block until nothing there is masked; every pass unmasks the most confident masked
+        position of the block (count 1, ``unmask_rules.confidence``) and, in the loop, every other one
+        whose drawn token has p ≥ τ. ``steps`` is ignored: the number of passes depends on the data (a
+        block of m masks takes 1 … m). Times follow the planned grid, held at its last step beyond it."""
+        fixed = state.fixed
+        B, device = fixed.shape[0], fixed.device
+        block_of = self.blocks(fixed)
+        n_blocks = (block_of.max(1).values + 1).tolist()
+        block, fresh = [0] * B, [True] * B
+        i = 0
+        while True:
+            masked_in = state.masked
+            for r in range(B):  # next block once the current one is complete
+                while block[r] < n_blocks[r] and not bool((masked_in[r] & (block_of[r] == block[r])).any()):
+                    block[r], fresh[r] = block[r] + 1, True
+            live = [block[r] < n_blocks[r] for r in range(B)]
+            if not any(live):
+                return
+            current = torch.tensor([block[r] if live[r] else -2 for r in range(B)], dtype=torch.long, device=device)
+            starts = torch.tensor([live[r] and fresh[r] for r in range(B)], dtype=torch.bool, device=device)
+            t, s = self.time(min(i, self.n_steps - 1))
+            yield StepPlan(t, s, n_unmask=torch.tensor(live, dtype=torch.long, device=device),
+                           window=(block_of == current[:, None]) & ~fixed, block_start=bool(starts.any()),
+                           starts=starts, threshold=self.threshold)
+            fresh = [f and not live[r] for r, f in enumerate(fresh)]
+            i += 1
+
+
+THRESHOLD_RULES = ("planned", "fast_dllm")
 
 
 @SAMPLERS.register("semi_ar")
 def semi_ar_sampler(steps: int = 128, block_length: int = 32, remask_per_block: int = 0,
                     remask_rule: Optional[RemaskRule] = None, unmask_rule: Optional[UnmaskRule] = None,
                     temperature: float = 0.0, top_p: float = 1.0, remask_spread: str = "inner",
-                    cache: str = "none", threshold: Optional[float] = None, refresh: str = "block") -> Sampler:
+                    cache: str = "none", threshold: Optional[float] = None, refresh: str = "block",
+                    threshold_rule: str = "planned") -> Sampler:
     """LLaDA's semi-autoregressive sampler (most confident first, greedy by default) with
     ``remask_per_block`` remasks per block by ``remask_rule`` (default: the PRISM head), spread by
     ``remask_spread``. Fast-dLLM's speed-ups: ``cache`` = 'none' | 'prefix' | 'dual' (KV cache
-    refreshed at each block start; see ``Sampler``) and ``threshold`` = τ (parallel decoding)."""
-    schedule = SemiARSchedule(steps, block_length, remask_per_block, remask_spread, threshold)
+    refreshed at each block start; see ``Sampler``) and ``threshold`` = τ (parallel decoding) by
+    ``threshold_rule``: 'planned' (the default: the planned share plus every token ≥ τ, never more than
+    ``steps`` passes) or 'fast_dllm' (Fast-dLLM's: the most confident plus every token ≥ τ, until the
+    block is complete; the pass count depends on the data)."""
+    schedule = SemiARSchedule(steps, block_length, remask_per_block, remask_spread, threshold, threshold_rule)
     return Sampler(schedule, unmask_rule or ConfidenceUnmask(), CategoricalDraw(temperature, top_p),
                    noise_removal=True, cache=True, kv_cache=cache, refresh=refresh,
                    remask_rule=(remask_rule or PRISMRemask()) if remask_per_block else remask_rule)
