@@ -21,6 +21,8 @@ whose result is recorded is skipped (resumable; ``--redo`` runs it again):
                    on the first MBPP test prompts, several variants (with / without PRISM remasking,
                    no cache / dual cache + threshold) at one shortened setting; each scored by the
                    sandboxed executor (pass@1 on random weights is 0: that it runs and scores is the point)
+         sample_full the fast variant (dual cache + threshold + PRISM remasking) at the recipe's full
+                   setting: 512 generated tokens (1024 in all), blocks of 64, 256 steps, one prompt
   MDLM   weights   the HF layout of kuleshov-group/mdlm-owt (config.json + model.safetensors, float32)
          convert   python -m prism.mdlm_weights convert (the user path into PRISM's layout)
          train     run.py train gin/owt/prism_mdlm_owt.gin for 2 steps at L = 1024

@@ -174,7 +174,9 @@ def phase_load(profile, work):
                 notes=f"peak while loading; bf16 GEMM {speed['native']} GFLOP/s native, {speed['upcast']} upcast")
 
 
-def phase_sample(profile, work):
+def phase_sample(profile, work, key="sample"):
+    """The recipe's sampler on the first MBPP test prompts, each of ``VARIANTS`` (``sample``) or only the
+    fast one at the recipe's full length (``sample_full``), every output scored by the sandboxed executor."""
     import torch
     from accelerate import Accelerator
 
@@ -184,7 +186,8 @@ def phase_sample(profile, work):
     from prism.samplers.semi_ar import semi_ar_sampler
 
     os.environ["PRISM_ALLOW_CODE_EXECUTION"] = "1"
-    s, t = profile["sample"], profile["train"]
+    s, t = profile[key], profile["train"]
+    variants = {k: v for k, v in VARIANTS.items() if k in s.get("variants", VARIANTS)}
     adapter = os.path.join(work, "train", "checkpoints", f"step_{t['steps']:08d}", "weights.safetensors")
     if not os.path.exists(adapter):
         raise SystemExit(f"sample needs the train phase's adapter {adapter}: run the train phase first")
@@ -202,14 +205,14 @@ def phase_sample(profile, work):
     acc = Accelerator(cpu=True)
     out = dict(runtime_rss_bytes=runtime, recipe=recipe, variants={})
     weights = sum(p.numel() * p.element_size() for p in exp.model.parameters())
-    for name, (cache, threshold, remask) in VARIANTS.items():
+    for name, (cache, threshold, remask) in variants.items():
         k = recipe["remask_per_block"] if remask is None else remask
         exp.sampler = semi_ar_sampler(recipe["steps"], recipe["block_length"], k, remask_rule=rule,
                                       remask_spread=recipe["remask_spread"], cache=cache, threshold=threshold)
-        os.makedirs(os.path.join(work, "sample", name), exist_ok=True)
+        os.makedirs(os.path.join(work, key, name), exist_ok=True)
         reset_peak()
         with torch.no_grad():
-            res = generate_and_score(exp, acc, os.path.join(work, "sample", name), batch_size=s["prompts"],
+            res = generate_and_score(exp, acc, os.path.join(work, key, name), batch_size=s["prompts"],
                                      limit=s["prompts"])
         generated = s["prompts"] * s["gen_length"]  # generated tokens only: no prompt, no padding
         with open(os.path.join(work, "sample", name, "samples.jsonl")) as f:

@@ -10,17 +10,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-PHASES = {"llada": ["weights", "load", "train", "resume", "mdm_step", "sample"],
+PHASES = {"llada": ["weights", "load", "train", "resume", "mdm_step", "sample", "sample_full"],
           "mdlm": ["weights", "convert", "train", "sweep"]}
 SMALL_LLADA = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, vocab_size=50262, mask_token_id=50257)
 PROFILES = {
     # seq_len / batch: what fits 24 GB and a session's time here (the recipe: 1024 / 4 × 3 accumulation)
     "llada8b": dict(family="llada", preset="8b", config={}, shard_bytes=3_000_000_000, rank=256,
                     train=dict(seq_len=256, gen_length=128, batch=1, steps=2),
-                    sample=dict(prompts=2, gen_length=128, block_length=64, steps=16)),
+                    sample=dict(prompts=2, gen_length=128, block_length=64, steps=16),
+                    # the recipe's full setting (1024 tokens in all: 512 generated, blocks of 64, 256 steps)
+                    sample_full=dict(prompts=1, gen_length=512, block_length=64, steps=256,
+                                     variants=["dual_threshold_prism"])),
     "llada_small": dict(family="llada", preset=None, config=SMALL_LLADA, shard_bytes=4_000_000, rank=8,
                         train=dict(seq_len=160, gen_length=64, batch=1, steps=2),
-                        sample=dict(prompts=2, gen_length=32, block_length=16, steps=4)),
+                        sample=dict(prompts=2, gen_length=32, block_length=16, steps=4),
+                        sample_full=dict(prompts=1, gen_length=64, block_length=16, steps=16,
+                                         variants=["dual_threshold_prism"])),
     "mdlm_owt": dict(family="mdlm", dit="small", train=dict(seq_len=1024, batch=2, steps=2),
                      sweep=dict(nfe=128, n=2, metrics=["entropy", "gen_ppl", "mauve"])),
     "mdlm_small": dict(family="mdlm", dit="test", documents=400, train=dict(seq_len=128, batch=2, steps=2),
@@ -109,7 +114,8 @@ def run_phase(profile_name, phase, work):
                      load=lambda: L.phase_load(profile, work), train=lambda: L.phase_train(profile, work),
                      resume=lambda: L.phase_resume(profile, work),
                      mdm_step=lambda: L.phase_train(profile, work, loss="@losses.mdlm()"),
-                     sample=lambda: L.phase_sample(profile, work))
+                     sample=lambda: L.phase_sample(profile, work),
+                     sample_full=lambda: L.phase_sample(profile, work, "sample_full"))
     else:
         table = dict(weights=lambda: M.write_mdlm(profile, os.path.join(work, "weights")),
                      convert=lambda: M.phase_convert(profile, work), train=lambda: M.phase_owt_train(profile, work),
@@ -142,6 +148,9 @@ def derive(profile_name, phases):
     if "dual_threshold_prism" in v and "uncached_prism" in v:
         speed = v["dual_threshold_prism"]["tokens_per_s"] / v["uncached_prism"]["tokens_per_s"]
         out["dual cache + threshold speed-up, PRISM on (target >= 3x)"] = f"{speed:.2f}x"
+    full = ph.get("sample_full", {}).get("variants", {}).get("dual_threshold_prism")
+    if full:
+        out["full setting, dual + threshold + PRISM: seconds per sample"] = f"{full['seconds']:.0f}"
     return out
 
 

@@ -25,7 +25,7 @@ def test_llada_small_runs_every_phase_and_resumes(tmp_path):
     proc = run_script("llada_small", "--cache", cache, "--out", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.load(open(os.path.join(out, "full_size_llada_small.json")))
-    assert list(res["phases"]) == ["weights", "load", "train", "resume", "mdm_step", "sample"]
+    assert list(res["phases"]) == ["weights", "load", "train", "resume", "mdm_step", "sample", "sample_full"]
     flat = res["flat"]
     for phase in res["phases"]:
         assert flat[f"{phase}.wall_s"] > 0 and flat[f"{phase}.peak_rss_bytes"] > 0
@@ -45,6 +45,7 @@ def test_llada_small_runs_every_phase_and_resumes(tmp_path):
     for v in variants.values():
         assert v["pass_at_1"] == 0.0 and len(v["statuses"]) == 2 and v["tokens_per_s"] > 0
     assert variants["uncached_prism"]["remask_per_block"] == 12 and variants["uncached_plain"]["remask_per_block"] == 0
+    assert list(res["phases"]["sample_full"]["variants"]) == ["dual_threshold_prism"]
     assert "PRISM step / MDM step (target <= 2.2)" in res["derived"]
     md = open(os.path.join(out, "full_size_llada_small.md")).read()
     assert "| train |" in md and "gpt2-chat" in md
