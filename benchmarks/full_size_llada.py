@@ -16,7 +16,8 @@ def write_llada(profile, out):
     """config.json + shards + index, the released layout, each tensor made just before it is written."""
     import torch
 
-    from prism.backbones.llada import LLaDABackbone, released_config
+    from prism.backbones.llada import LLaDABackbone
+    from prism.backbones.llada_files import released_config
     from prism.checkpoint import HF_INDEX
     from prism.safetensors_stream import write_streamed
 
@@ -68,12 +69,14 @@ def train_figures(profile, run_dir, runtime):
     rows = {int(r["step"]): r for r in metrics_rows(run_dir)}
     t = profile["train"]
     last = max(rows)
-    step_s = rows[last]["elapsed_s"] - rows[last - 1]["elapsed_s"] if last - 1 in rows else rows[last]["elapsed_s"]
+    # the last step alone: the clock since the previous row, less the checkpoint written in between
+    step_s = (rows[last]["elapsed_s"] - rows[last - 1]["elapsed_s"] - rows[last].get("checkpoint_s", 0.0)
+              if last - 1 in rows else rows[last]["elapsed_s"])
     ckpt = os.path.join(run_dir, "checkpoints", f"step_{last:08d}")
     return dict(loss={s: r["loss"] for s, r in rows.items()}, step_s=round(step_s, 2),
                 tokens_per_s=t["batch"] * t["seq_len"] / step_s, runtime_rss_bytes=runtime,
                 disk_bytes=disk_bytes(ckpt), adapter_bytes=os.path.getsize(os.path.join(ckpt, "weights.safetensors")),
-                notes=f"batch {t['batch']} × L {t['seq_len']}, {last} steps; step time of step {last}")
+                notes=f"batch {t['batch']} × L {t['seq_len']}, {last} steps; step {last} alone (no checkpoint)")
 
 
 def predicted_train(profile, runtime):

@@ -8,7 +8,7 @@ scalars, so nothing scales with the model on the wire or in memory (no float32 c
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -50,6 +50,17 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+PROBE_SLICE = 3 * 2**20  # elements summed at a time by parameter_probe
+
+
+def trained(model: nn.Module) -> List[torch.Tensor]:
+    """The parameters that train (all of them when none does): frozen weights cannot drift apart
+    between ranks or turn non-finite during training, and checking 8B of them at every checkpoint
+    costs seconds."""
+    params = list(model.parameters())
+    return [p for p in params if p.requires_grad] or params
+
+
 @torch.no_grad()
 def parameter_probe(params: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Two float32 sums per parameter (all elements; every third element), each reduced on the
@@ -60,25 +71,30 @@ def parameter_probe(params: Iterable[torch.Tensor], device: torch.device) -> tor
         flat = local(p).detach().reshape(-1)  # local() first: detach() drops ZeRO-3's ds_tensor
         if flat.numel() == 0:
             continue
-        sums.append(torch.stack([torch.sum(flat, dtype=torch.float32), torch.sum(flat[::3], dtype=torch.float32)]))
+        # in slices: a sum with dtype= widens its whole input first (an 8B model's bf16 output layer
+        # would make a 2 GB float32 copy); slices a multiple of 3 long keep flat[::3]'s elements
+        parts = [torch.stack([torch.sum(c, dtype=torch.float32), torch.sum(c[::3], dtype=torch.float32)])
+                 for c in flat.split(PROBE_SLICE)]
+        sums.append(torch.stack(parts).sum(0))
     if not sums:
         return torch.zeros(0, device=device)
     return torch.cat([s.to(device) for s in sums])
 
 
 def ranks_in_sync(accelerator, model: nn.Module) -> Optional[bool]:
-    """True when every process holds the same weights (DDP really synchronised gradients); None where
+    """True when every process holds the same trained weights (DDP really synchronised gradients); None where
     the weights are sharded and ranks hold different parts by design."""
     if weights_sharded(accelerator):
         return None
-    probe = parameter_probe(model.parameters(), accelerator.device)
+    probe = parameter_probe(trained(model), accelerator.device)
     gathered = accelerator.gather(probe[None])
     return bool(torch.equal(gathered, gathered[:1].expand_as(gathered)))
 
 
 def all_finite(accelerator, model: nn.Module) -> bool:
-    """Whether every weight on every rank is finite (sharded weights included): one scalar all-reduced."""
-    bad = (~torch.isfinite(parameter_probe(model.parameters(), accelerator.device))).sum().float()
+    """Whether every trained weight on every rank is finite (sharded weights included): one scalar
+    all-reduced."""
+    bad = (~torch.isfinite(parameter_probe(trained(model), accelerator.device))).sum().float()
     return float(accelerator.reduce(bad.reshape(1), "sum").item()) == 0.0
 
 

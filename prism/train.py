@@ -273,7 +273,7 @@ def train(
     t_start = t_log = time.time()
     bar = tqdm(total=steps, initial=start, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
     module.train()
-    step, skipped_in_row, stopped_early = start, 0, False
+    step, skipped_in_row, stopped_early, saving_s = start, 0, False, 0.0
     no_clip = float("inf")
     while step < steps:
         values: Dict[str, torch.Tensor] = {}
@@ -329,7 +329,8 @@ def train(
             if "skipped" in last:
                 last["skipped"] *= max(window.n, 1)  # a count, not a mean
             last.update(step=step, lr=scheduler.get_last_lr()[0], seqs_per_s=window.seqs / max(now - t_log, 1e-9),
-                        elapsed_s=elapsed_before + now - t_start)
+                        elapsed_s=elapsed_before + now - t_start, checkpoint_s=saving_s)
+            saving_s = 0.0
             if accelerator.is_main_process:
                 append_row(metrics_path, last)
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "masked_ce") if k in last})
@@ -341,9 +342,11 @@ def train(
             late = accelerator.is_main_process and (time.time() - t_start) > 60 * max_minutes
             out_of_time = bool(accelerator.reduce(torch.tensor([float(late)], device=device), "sum").item())
         if step % save_every == 0 or step == steps or out_of_time:
+            t_save = time.time()
             save_checkpoint(accelerator, output_dir, step, module, model, ema, keep_checkpoints,
                             {"world_size": world, "layout": kind, "elapsed_s": elapsed_before + time.time() - t_start,
                              "metrics": last, "log_window": window.state(accelerator)}, only=only)
+            saving_s += time.time() - t_save  # logged with the next row: Δ elapsed_s − checkpoint_s = steps alone
         if out_of_time:
             accelerator.print(f"max_minutes={max_minutes} reached at step {step}; resume with --resume")
             stopped_early = True

@@ -110,6 +110,23 @@ def test_parameter_probe_sees_a_changed_element_and_nan_without_copying_to_float
     assert not torch.isfinite(parameter_probe([q], torch.device("cpu"))).all()
 
 
+def test_parameter_probe_in_slices_and_only_what_trains(monkeypatch):
+    """The probe sums slices (a sum with dtype= widens its whole input: 2 GB for LLaDA-8B's bf16 output
+    layer), with the same totals; the checks at checkpoints look only at what trains."""
+    import prism.distributed as dist
+
+    p = torch.arange(40, dtype=torch.bfloat16)
+    whole = parameter_probe([p], torch.device("cpu"))
+    monkeypatch.setattr(dist, "PROBE_SLICE", 6)  # 7 slices, each a multiple of 3 long
+    assert torch.equal(parameter_probe([p], torch.device("cpu")), whole)
+    assert whole.tolist() == [780.0, float(sum(range(0, 40, 3)))]
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    model[0].requires_grad_(False)
+    assert [id(t) for t in dist.trained(model)] == [id(model[1].weight), id(model[1].bias)]
+    model[1].requires_grad_(False)  # nothing trains: everything is checked
+    assert len(dist.trained(model)) == 4
+
+
 @pytest.mark.parametrize("name,kind", [("fsdp2", "FSDP"), ("zero3", "DEEPSPEED"), ("zero2", "DEEPSPEED"), ("ddp", "MULTI_GPU"),
                                        ("fsdp2_llada", "FSDP"), ("zero3_llada", "DEEPSPEED")])
 def test_shipped_accelerate_configs_parse(name, kind):

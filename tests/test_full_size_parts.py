@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from conftest import REPO
 from prism.backbones import upcast_linear
-from prism.backbones.llada import LLaDABackbone, save_released_layout
+from prism.backbones.llada import LLaDABackbone
+from prism.backbones.llada_files import save_released_layout
 from prism.backbones.upcast_linear import UpcastLinear
 from prism.safetensors_stream import iter_tensors, read_header, write_streamed
 

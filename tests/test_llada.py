@@ -8,7 +8,8 @@ import torch
 
 import prism.backbones.llada as llada
 from prism.backbones.hf import bidirectional_mask
-from prism.backbones.llada import LLaDABackbone, parameter_count, save_released_layout
+from prism.backbones.llada import LLaDABackbone, parameter_count
+from prism.backbones.llada_files import save_released_layout
 
 V = 96  # tiny vocabulary; mask id 95
 
