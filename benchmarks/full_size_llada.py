@@ -65,13 +65,32 @@ def llada_binds(profile, work, steps=None):
             "run.eval_after_train = False"]
 
 
+def gpu_peak():
+    """{'gpu_peak_bytes': ...} on CUDA (the RSS figures are host memory there), then reset; {} on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return {"gpu_peak_bytes": peak}
+
+
 def train_figures(profile, run_dir, runtime):
     rows = {int(r["step"]): r for r in metrics_rows(run_dir)}
     t = profile["train"]
     last = max(rows)
-    # the last step alone: the clock since the previous row, less the checkpoint written in between
-    step_s = (rows[last]["elapsed_s"] - rows[last - 1]["elapsed_s"] - rows[last].get("checkpoint_s", 0.0)
-              if last - 1 in rows else rows[last]["elapsed_s"])
+    # the last step alone: the clock since the previous row (a resumed run: since the checkpoint it
+    # started from), less the checkpoint written in between
+    state = os.path.join(run_dir, "checkpoints", f"step_{last - 1:08d}", "trainer_state.json")
+    if last - 1 in rows:
+        before = rows[last - 1]["elapsed_s"]
+    elif os.path.exists(state):
+        with open(state) as f:
+            before = json.load(f)["elapsed_s"]
+    else:
+        before = 0.0
+    step_s = rows[last]["elapsed_s"] - before - rows[last].get("checkpoint_s", 0.0)
     ckpt = os.path.join(run_dir, "checkpoints", f"step_{last:08d}")
     return dict(loss={s: r["loss"] for s, r in rows.items()}, step_s=round(step_s, 2),
                 tokens_per_s=t["batch"] * t["seq_len"] / step_s, runtime_rss_bytes=runtime,
@@ -113,7 +132,7 @@ def phase_train(profile, work, loss=None):
     binds = llada_binds(profile, work) + ([f"experiment.loss = {loss}", "losses.mdlm.normalize = 'sequence'",
                                            f"losses.mdlm.mask_window = {profile['train']['gen_length']}"] if loss else [])
     out = run_train(work, "train" if loss is None else "mdm_step", binds)
-    fig = train_figures(profile, out, runtime)
+    fig = train_figures(profile, out, runtime) | gpu_peak()
     if loss is None:
         fig["predicted_peak_bytes"], fig["predicted_phase"] = predicted_train(profile, runtime)
     return fig
@@ -125,7 +144,8 @@ def phase_resume(profile, work):
     if not os.path.isdir(first):
         raise SystemExit("resume needs the train phase's step-1 checkpoint: run the train phase first")
     out = run_train(work, "resume", llada_binds(profile, work), resume_from=first)
-    fig = train_figures(profile, out, runtime)
+    fig = train_figures(profile, out, runtime) | gpu_peak()
+    fig["predicted_peak_bytes"], fig["predicted_phase"] = predicted_train(profile, runtime)
     with open(os.path.join(work, "train", "metrics.jsonl")) as f:
         straight = {int(r["step"]): r["loss"] for r in map(json.loads, f) if r}
     last = max(fig["loss"])
@@ -205,7 +225,7 @@ def phase_sample(profile, work, key="sample"):
     recipe = dict(steps=sched.n_steps, block_length=sched.block_length, remask_per_block=sched.remask_per_block,
                   remask_spread=sched.remask_spread)
     rule = exp.sampler.remask_rule
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # a GPU where there is one, as run.py
     out = dict(runtime_rss_bytes=runtime, recipe=recipe, variants={})
     weights = sum(p.numel() * p.element_size() for p in exp.model.parameters())
     for name, (cache, threshold, remask) in variants.items():
@@ -223,9 +243,12 @@ def phase_sample(profile, work, key="sample"):
         out["variants"][name] = dict(seconds=round(res["seconds"], 1), nfe=res.get("nfe"), remask_per_block=k,
                                      tokens_per_s=generated / res["seconds"], peak_rss_bytes=status("VmHWM"),
                                      pass_at_1=res.get("pass@1"), statuses=statuses)
+        out["variants"][name].update(gpu_peak())
         print(f"{name}: {res['seconds']:.0f} s, {generated / res['seconds']:.3g} generated tokens/s, "
               f"pass@1 {res.get('pass@1')}, {statuses}", flush=True)
     main_variant = out["variants"]["dual_threshold_prism"]
+    # clear_refs resets the high-water mark the kernel reports at exit too: the phase's peak is the variants'
+    out.update(peak_rss_bytes=max(v["peak_rss_bytes"] for v in out["variants"].values()))
     out.update(tokens_per_s=main_variant["tokens_per_s"], predicted_peak_bytes=runtime + weights,
                model_bytes=weights,
                notes=f"{s['prompts']} prompts, {s['gen_length']} generated tokens, blocks of {recipe['block_length']}, "

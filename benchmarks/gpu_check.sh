@@ -16,7 +16,10 @@
 #      of the CPU's 0.113 (GPU kernels change the draws a little, not the model);
 #   4. training throughput in bf16: sequences/s, fraction of the card's bf16 peak, peak memory;
 #   5. LLaDA-architecture models (tiny and mid-sized, random weights): PRISM + LoRA training-step and
-#      semi-AR sampling tokens/s under bf16 autocast (benchmarks/llada_speed.py; needs peft).
+#      semi-AR sampling tokens/s under bf16 autocast (benchmarks/llada_speed.py; needs peft);
+#   6. benchmarks/full_size.py's phases on its small LLaDA profile (released-layout shards, load,
+#      train + resume, every sampler variant scored by the executor), each in a child process
+#      (the 8B rehearsal itself: python benchmarks/full_size.py llada8b, about 20 GB of host memory).
 # GPU_CHECK_QUICK=1 runs the same steps at toy sizes on whatever device there is (how the script is
 # tried on a CPU before it is spent on a GPU); its numbers mean nothing.
 set -euo pipefail
@@ -90,5 +93,9 @@ python benchmarks/gpu_throughput.py "${BENCH[@]}"
 
 step "5. LLaDA-architecture PRISM + LoRA: training and semi-AR sampling tokens/s"
 python benchmarks/llada_speed.py "${LLADA[@]}"
+
+step "6. the full-size rehearsal's phases on a small LLaDA (load, train, resume, sample + executor)"
+PRISM_ALLOW_CODE_EXECUTION=1 python benchmarks/full_size.py llada_small --cache "$OUT/full_size" \
+    --out "$OUT/full_size" --redo weights load train resume mdm_step sample sample_full 2>&1 | grep -v "^  \[" | tail -22
 
 step "done: every step passed in $(( $(date +%s) - t0 )) s"

@@ -40,6 +40,12 @@ where, per token,
   head      = 2·D·hb (its input, LayerNorm output) + 8 (mean, rstd) + 2·H·hb (Linear out, GELU out)
 Everything is per GPU: activations are never sharded (data parallel). total = static + gradients + peak.
 
+On one CPU (``benchmarks/full_size.py llada8b``): ``estimate('8b', batch=1, seq_len=256, lora_rank=256,
+sharding='none', weight_bytes=2, master_bytes=4, act_bytes=2, head_bytes=2, dropout_mask_bytes=2)`` plus the
+resident set of the imported libraries (measured in the same process before the model is built)
+predicted 20.89 GB for a measured peak of 21.91 GB (0.95). Not in the formula: the allocator's
+fragmentation and caches, the tokenizer and data, and transient buffers of the ops themselves.
+
 The check (``--measure``): the same step on the CPU in float32 (c = 4, dropout noise 4 bytes) for the tiny
 preset and a mid-sized random config, each in its own child process run with
 MALLOC_MMAP_THRESHOLD_=1048576 (every allocation ≥ 1 MiB mapped on its own and unmapped when freed, so

@@ -218,7 +218,6 @@ class SemiARSchedule(Schedule):
                            starts=starts, threshold=self.threshold)
             within = [w + 1 if live[r] else w for r, w in enumerate(within)]
 
-
     def _fast_dllm_plans(self, state):
         """Fast-dLLM's own rule (its ``get_transfer_index`` with a threshold): each row loops over its
         current block until nothing there is masked; every pass unmasks the most confident masked
