@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from prism.backbones.base import Backbone, BackboneOutput, cache_ranges, key_padding_bias
 from prism.layers import DiTBlock, LayerNorm, Rotary, modulate  # noqa: F401  (DiTBlock: FSDP wraps it by name)
@@ -80,6 +81,10 @@ class DiT(Backbone):
 
     ``hidden_states`` in the output is the residual stream after the last block (before the final
     adaLN LayerNorm), the state the final layer maps to logits.
+
+    ``gradient_checkpointing``: keep only each block's input while training and recompute the block in
+    backward (non-reentrant, dropout replayed). PRISM's OWT step (n_y = 4 sequences y per z) saves
+    ~750 KB of float32 activations per token without it: 17.5 GB at batch 2 × L 1024 on the CPU.
     """
 
     def __init__(
@@ -96,8 +101,10 @@ class DiT(Backbone):
         time_conditioning: bool = False,
         position_groups: Optional[torch.Tensor] = None,
         group_attention: bool = False,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         sizes = dict(hidden_size=hidden_size, n_blocks=n_blocks, n_heads=n_heads, cond_dim=cond_dim)
         if preset is not None:
             if preset not in PRESETS:
@@ -178,8 +185,12 @@ class DiT(Backbone):
         pad = key_padding_bias(attention_mask, x.dtype, x.device)
         if pad is not None:
             attn_bias = pad if attn_bias is None else attn_bias + pad
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, c, rotary, attn_bias, None if cache is None else cache.bind(f"blocks.{i}", compute))
+            if ckpt:
+                x = checkpoint(block, x, c, rotary, attn_bias, None, use_reentrant=False)
+            else:
+                x = block(x, c, rotary, attn_bias, None if cache is None else cache.bind(f"blocks.{i}", compute))
         # a quality-only pass (PRISM's on y) skips the (B, L, V) output layer; ``keep`` runs it on a block only
         out = self.output_layer(x[:, a - lo:b - lo], c) if logits else None
         return BackboneOutput(hidden_states=x, logits=out, cond=c)
