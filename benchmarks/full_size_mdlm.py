@@ -79,7 +79,9 @@ def phase_owt_train(profile, work):
     run.main(["train", OWT_PRISM_GIN, "--output-dir", out] + [x for b in binds for x in ("--bind", b)])
     rows = {int(r["step"]): r for r in metrics_rows(out)}
     last = max(rows)
-    step_s = rows[last]["elapsed_s"] - rows.get(last - 1, {"elapsed_s": 0.0})["elapsed_s"]
+    # the last step alone: less the checkpoint written since the previous row
+    step_s = (rows[last]["elapsed_s"] - rows.get(last - 1, {"elapsed_s": 0.0})["elapsed_s"]
+              - rows[last].get("checkpoint_s", 0.0))
     ckpt = os.path.join(out, "checkpoints", f"step_{last:08d}")
     return dict(loss={k: r["loss"] for k, r in rows.items()}, step_s=round(step_s, 2), runtime_rss_bytes=runtime,
                 tokens_per_s=t["batch"] * t["seq_len"] / step_s, disk_bytes=disk_bytes(ckpt),
@@ -96,7 +98,7 @@ def phase_sweep(profile, work):
     argv = ["--mdm", os.path.join(work, "mdlm_prism.safetensors"), "--head", head, "--mdm-gin", OWT_MDM_GIN,
             "--prism-gin", OWT_PRISM_GIN, "--nfe", str(sw["nfe"]), "--samplers", "mdlm", "prism",
             "--n", str(sw["n"]), "--batch-size", str(sw["n"]), "--metrics", *sw["metrics"], "--out", out,
-            "--samples-at", str(sw["nfe"])]
+            "--samples-at", str(sw["nfe"]), "--resume"]  # a cell already scored is kept
     argv += [x for b in owt_binds(profile, work) for x in ("--bind", b)]
     owt_sweep.main(argv)
     with open(os.path.join(out, "owt_sweep.json")) as f:

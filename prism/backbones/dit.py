@@ -83,8 +83,8 @@ class DiT(Backbone):
     adaLN LayerNorm), the state the final layer maps to logits.
 
     ``gradient_checkpointing``: keep only each block's input while training and recompute the block in
-    backward (non-reentrant, dropout replayed). PRISM's OWT step (n_y = 4 sequences y per z) saves
-    ~750 KB of float32 activations per token without it: 17.5 GB at batch 2 × L 1024 on the CPU.
+    backward (non-reentrant, dropout replayed). PRISM's OWT step (n_y = 4 sequences y per z) at batch
+    2 × L 1024 peaked at 17.5 GB on the CPU without it, 12.5 GB with it (``benchmarks/full_size.py``).
     """
 
     def __init__(
