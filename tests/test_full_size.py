@@ -55,6 +55,7 @@ def test_llada_small_runs_every_phase_and_resumes(tmp_path):
     assert "train: recorded, skipped" in again.stdout and "load: running" in again.stdout
 
 
+@pytest.mark.slow
 def test_mdlm_small_converts_trains_and_sweeps(tmp_path):
     cache, out = str(tmp_path / "cache"), str(tmp_path / "results")
     proc = run_script("mdlm_small", "--cache", cache, "--out", out)
