@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 
-from full_size_phases import (MBPP_GIN, REPO, SFT_GIN, VARIANTS, disk_bytes, metrics_rows, reset_peak, runtime_rss,
+from full_size_phases import (MBPP_GIN, REPO, SFT_GIN, VARIANTS, disk_bytes, last_step, metrics_rows, reset_peak, runtime_rss,
                               seeded_normal, status)
 
 
@@ -77,20 +77,8 @@ def gpu_peak():
 
 
 def train_figures(profile, run_dir, runtime):
-    rows = {int(r["step"]): r for r in metrics_rows(run_dir)}
+    rows, last, step_s = last_step(run_dir)
     t = profile["train"]
-    last = max(rows)
-    # the last step alone: the clock since the previous row (a resumed run: since the checkpoint it
-    # started from), less the checkpoint written in between
-    state = os.path.join(run_dir, "checkpoints", f"step_{last - 1:08d}", "trainer_state.json")
-    if last - 1 in rows:
-        before = rows[last - 1]["elapsed_s"]
-    elif os.path.exists(state):
-        with open(state) as f:
-            before = json.load(f)["elapsed_s"]
-    else:
-        before = 0.0
-    step_s = rows[last]["elapsed_s"] - before - rows[last].get("checkpoint_s", 0.0)
     ckpt = os.path.join(run_dir, "checkpoints", f"step_{last:08d}")
     return dict(loss={s: r["loss"] for s, r in rows.items()}, step_s=round(step_s, 2),
                 tokens_per_s=t["batch"] * t["seq_len"] / step_s, runtime_rss_bytes=runtime,
@@ -146,8 +134,7 @@ def phase_resume(profile, work):
     out = run_train(work, "resume", llada_binds(profile, work), resume_from=first)
     fig = train_figures(profile, out, runtime) | gpu_peak()
     fig["predicted_peak_bytes"], fig["predicted_phase"] = predicted_train(profile, runtime)
-    with open(os.path.join(work, "train", "metrics.jsonl")) as f:
-        straight = {int(r["step"]): r["loss"] for r in map(json.loads, f) if r}
+    straight = {int(r["step"]): r["loss"] for r in metrics_rows(os.path.join(work, "train"))}
     last = max(fig["loss"])
     fig.update(uninterrupted_loss=straight[last], resumed_loss=fig["loss"][last],
                loss_equal=straight[last] == fig["loss"][last],

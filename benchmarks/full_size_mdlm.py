@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 
-from full_size_phases import (OWT_MDM_GIN, OWT_PRISM_GIN, REPO, disk_bytes, metrics_rows, runtime_rss,
+from full_size_phases import (OWT_MDM_GIN, OWT_PRISM_GIN, REPO, disk_bytes, last_step, runtime_rss,
                               seeded_normal)
 
 
@@ -77,11 +77,7 @@ def phase_owt_train(profile, work):
         f"train.steps = {t['steps']}", f"train.batch_size = {t['batch']}", "train.save_every = 1",
         "train.log_every = 1", "run.eval_after_train = False"]
     run.main(["train", OWT_PRISM_GIN, "--output-dir", out] + [x for b in binds for x in ("--bind", b)])
-    rows = {int(r["step"]): r for r in metrics_rows(out)}
-    last = max(rows)
-    # the last step alone: less the checkpoint written since the previous row
-    step_s = (rows[last]["elapsed_s"] - rows.get(last - 1, {"elapsed_s": 0.0})["elapsed_s"]
-              - rows[last].get("checkpoint_s", 0.0))
+    rows, last, step_s = last_step(out)
     ckpt = os.path.join(out, "checkpoints", f"step_{last:08d}")
     return dict(loss={k: r["loss"] for k, r in rows.items()}, step_s=round(step_s, 2), runtime_rss_bytes=runtime,
                 tokens_per_s=t["batch"] * t["seq_len"] / step_s, disk_bytes=disk_bytes(ckpt),

@@ -39,12 +39,8 @@ OWT_MDM_GIN, OWT_PRISM_GIN = "gin/owt/mdlm_owt.gin", "gin/owt/prism_mdlm_owt.gin
 
 
 # ------------------------------------------------------------------------------------ measuring
-def status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from llada_memory import proc_status as status  # noqa: E402  (the /proc/self/status reader both use)
 
 
 def reset_peak() -> None:
@@ -85,6 +81,22 @@ def seeded_normal(name, shape, dtype, std=0.02):
 def metrics_rows(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def last_step(run_dir):
+    """({step: metrics row}, the last step, its seconds alone): the clock since the previous row (a
+    resumed run: since the checkpoint it started from), less the checkpoint written in between."""
+    rows = {int(r["step"]): r for r in metrics_rows(run_dir)}
+    last = max(rows)
+    state = os.path.join(run_dir, "checkpoints", f"step_{last - 1:08d}", "trainer_state.json")
+    if last - 1 in rows:
+        before = rows[last - 1]["elapsed_s"]
+    elif os.path.exists(state):
+        with open(state) as f:
+            before = json.load(f)["elapsed_s"]
+    else:
+        before = 0.0
+    return rows, last, rows[last]["elapsed_s"] - before - rows[last].get("checkpoint_s", 0.0)
 
 
 

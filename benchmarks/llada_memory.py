@@ -213,7 +213,8 @@ def paper_table(gpus: int = 8) -> str:
 
 # ---- the CPU check ----------------------------------------------------------------------------
 
-def _status(field: str) -> int:
+def proc_status(field: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -283,20 +284,20 @@ def child(name: str, threads: int, n_y: int) -> None:
     warm()
     del warm, _
     gc.collect()
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     t0 = time.perf_counter()
     model, step = build_step(preset, overrides, batch, seq_len, rank, n_y)
     step()  # warm-up at full size: AdamW moments now exist, grads are None
     warm_s = time.perf_counter() - t0
     gc.collect()
-    static = _status("VmRSS") - base
+    static = proc_status("VmRSS") - base
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     t0 = time.perf_counter()
     step()
     step_s = time.perf_counter() - t0
-    peak = _status("VmHWM") - before
+    peak = proc_status("VmHWM") - before
     print("RESULT " + json.dumps(dict(static=static, peak=peak, step_s=step_s, warm_s=warm_s)))
 
 

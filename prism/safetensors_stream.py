@@ -57,7 +57,7 @@ def read_into(f, entry: dict, data_start: int, dest: torch.Tensor) -> torch.Tens
         raise ValueError(f"safetensors dtype {entry['dtype']} is not supported here ({', '.join(DTYPES)})")
     numel = math.prod(entry["shape"])
     begin, end = entry["data_offsets"]
-    item = torch.empty((), dtype=src_dtype).element_size()
+    item = src_dtype.itemsize
     if end - begin != numel * item or dest.numel() != numel:
         raise ValueError(f"tensor of shape {entry['shape']} ({entry['dtype']}) spans {end - begin} bytes; "
                          f"destination holds {dest.numel()} elements")
@@ -110,7 +110,7 @@ class StreamWriter:
         offset = 0
         self.expected = []
         for name, shape, dtype in specs:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self.expected.append((name, tuple(shape), dtype))
             offset += nbytes
@@ -165,4 +165,4 @@ def write_streamed(path: str, specs: Iterable[Tuple[str, Sequence[int], torch.dt
     with StreamWriter(path, specs, metadata) as w:
         for name, shape, dtype in specs:
             w.write(name, produce(name, shape, dtype))
-    return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, s, d in specs)
+    return sum(math.prod(s) * d.itemsize for _, s, d in specs)
