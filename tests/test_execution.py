@@ -101,9 +101,11 @@ def test_pass_fail_syntax(world):
     r, _ = run("def add(a, b):\n    return a - b\n", "assert add(1, 2) == 3\n")
     assert r.status == "failed" and "AssertionError" in r.message and "add(1, 2) == 3" in r.message
     r, _ = run("def add(a, b) return a\n", "assert add(1, 2) == 3\n")
-    assert r.status == "failed" and "SyntaxError" in r.message
-    r, _ = run("x = 1\n", "assert (\n")                # broken tests: a harness/data error
     assert r.status == "error" and "SyntaxError" in r.message
+    r, _ = run("def add(a, b):\n    return a + b\n", "assert add(1, 2) == 3\nassert add('a', 2) == 'a2'\n")
+    assert r.status == "error" and "TypeError" in r.message  # an exception, not a failed assert
+    r, _ = run("x = 1\n", "assert (\n")                # broken tests: a harness/data error
+    assert r.status == "harness" and "SyntaxError" in r.message
     r, _ = run("import math\n", "assert math.sqrt(4) == 2", setup="import math")
     assert r.status == "passed", r
 
@@ -129,7 +131,7 @@ def test_run_many_parallel_and_ordered(world):
     t0 = time.monotonic()
     res = run_many(jobs, workers=4, timeout=3.0, memory_mb=512, allow=True)
     elapsed = time.monotonic() - t0
-    assert [r.status for r in res] == ["passed"] * 4 + ["failed", "error"]
+    assert [r.status for r in res] == ["passed"] * 4 + ["failed", "harness"]
     assert elapsed < 1.9, elapsed   # serially this would be > 2 s
 
 
@@ -144,7 +146,8 @@ def test_results_to_jsonl(tmp_path):
 
 def test_no_isolation_fallback(world):
     """The plain process-group mode still separates pass / fail / timeout."""
-    assert run("v = 2", "assert v == 2", isolation="none")[0].status == "passed"
+    r, _ = run("v = 2", "assert v == 2", isolation="none")
+    assert r.status == "passed" and r.isolation.startswith("none:")
     assert run("v = 2", "assert v == 3", isolation="none")[0].status == "failed"
     r, t = run("while True: pass", timeout=1.0, isolation="none")
     assert r.status == "timeout" and t < 2.5
@@ -152,7 +155,7 @@ def test_no_isolation_fallback(world):
 
 def test_sandbox_info_here():
     info = ex.sandbox_info()
-    assert info["mode"] in ("ns-root", "ns-user", "none")
+    assert info["mode"] in ("ns-root", "ns-user", "none") and info["level"] in ex.host.LEVELS
     assert set(info["rlimits"]) >= {"AS", "CPU", "FSIZE", "NOFILE", "CORE", "NPROC"}
 
 
@@ -163,9 +166,9 @@ HOSTILE = {
     "cpu_spin_thread": ("import threading\ndef spin():\n    while True:\n        pass\n"
                         "t = threading.Thread(target=spin)\nt.start()\nt.join()\n", "", {"timeout"},
                         dict(timeout=2.0, cpu_seconds=1), False),
-    "fork_loop_guarded": ("import os\nwhile True:\n    os.fork()\n", "", {"failed"}, {}, False),
+    "fork_loop_guarded": ("import os\nwhile True:\n    os.fork()\n", "", {"error"}, {}, False),
     "multiprocessing_bomb": ("import multiprocessing as mp\nps = [mp.Process(target=print) for _ in range(50)]\n"
-                             "for p in ps:\n    p.start()\n", "", {"failed"}, {}, False),
+                             "for p in ps:\n    p.start()\n", "", {"error"}, {}, False),
     "fork_bomb_wide_bypass": (SAFE + SLEEPER + "n = 0\nfor _ in range(300):\n    try:\n        pid = posix.fork()\n"
                               "    except OSError:\n        break\n    if pid == 0:\n        sleeper()\n    n += 1\n"
                               "print('forked', n)\n", "assert n < 8, n", {"passed"},
@@ -173,28 +176,28 @@ HOSTILE = {
     "fork_bomb_exponential_bypass": (SAFE + "import time\nfor _ in range(12):\n    try:\n        posix.fork()\n"
                                      "    except OSError:\n        pass\ntime.sleep(30)\n", "", {"timeout"},
                                      dict(timeout=1.0, max_processes=8), True),
-    "rmtree_canary": ("import shutil\nshutil.rmtree({canary!r})\n", "", {"failed"}, {}, False),
+    "rmtree_canary": ("import shutil\nshutil.rmtree({canary!r})\n", "", {"error"}, {}, False),
     "unlink_canary_bypass": ("import posix\nfor f in posix.listdir({canary!r}):\n"
-                             "    posix.unlink({canary!r} + '/' + f)\n", "", {"failed"}, {}, True),
+                             "    posix.unlink({canary!r} + '/' + f)\n", "", {"error"}, {}, True),
     "write_home": ("import os\nopen(os.path.expanduser('~/canary.txt'), 'w').write('pwned')\n"
                    "open(os.path.expanduser('~/.bashrc'), 'a').write('pwned')\n", "", {"passed"}, {}, False),
-    "write_real_home_path": ("open({home!r} + '/canary.txt', 'w').write('pwned')\n", "", {"failed"}, {}, True),
+    "write_real_home_path": ("open({home!r} + '/canary.txt', 'w').write('pwned')\n", "", {"error"}, {}, True),
     "network_guarded": ("import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n", "",
-                        {"failed"}, {}, False),
+                        {"error"}, {}, False),
     "network_bypass": ("import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
-                       "s.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n", "", {"failed"}, {}, True),
-    "alloc_10gb": ("x = bytearray(10 * 1024 ** 3)\n", "", {"failed", "crashed"}, dict(memory_mb=256), False),
-    "deep_recursion": ("def r(n):\n    return r(n + 1)\nr(0)\n", "", {"failed"}, {}, False),
+                       "s.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n", "", {"error"}, {}, True),
+    "alloc_10gb": ("x = bytearray(10 * 1024 ** 3)\n", "", {"limit"}, dict(memory_mb=256), False),
+    "deep_recursion": ("def r(n):\n    return r(n + 1)\nr(0)\n", "", {"error"}, {}, False),
     "deep_recursion_c_stack": ("import sys\nsys.setrecursionlimit(10 ** 8)\nclass A:\n    def __getattr__(self, n):\n"
-                               "        return getattr(self, n + '')\nA().x\n", "", {"failed", "crashed"}, {}, False),
+                               "        return getattr(self, n + '')\nA().x\n", "", {"error"}, {}, False),
     "huge_output_1gb": ("import sys\nchunk = 'x' * 65536\nfor _ in range(16384):\n    sys.stdout.write(chunk)\n",
-                        "", {"failed"}, {}, False),
-    "kill_parent_guarded": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", "", {"failed"}, {}, False),
+                        "", {"passed", "timeout"}, {}, False),
+    "kill_parent_guarded": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", "", {"error"}, {}, False),
     "kill_parent_bypass": (SAFE + "for p in (posix.getppid(), {parent_pid}):\n    try:\n        posix.kill(p, 9)\n"
-                           "    except OSError as e:\n        print(p, e)\n", "", {"passed", "failed"}, {}, True),
-    "kill_everything_bypass": (SAFE + "posix.kill(-1, 9)\n", "", {"failed", "crashed"}, {}, True),
-    "exit_before_asserts": ("import os\nos._exit(0)\n", "assert False\n", {"failed"}, {}, False),
-    "sys_exit_before_asserts": ("import sys\nsys.exit(0)\n", "assert False\n", {"failed"}, {}, False),
+                           "    except OSError as e:\n        print(p, e)\n", "", {"passed", "error"}, {}, True),
+    "kill_everything_bypass": (SAFE + "posix.kill(-1, 9)\n", "", {"error"}, {}, True),
+    "exit_before_asserts": ("import os\nos._exit(0)\n", "assert False\n", {"error"}, {}, False),
+    "sys_exit_before_asserts": ("import sys\nsys.exit(0)\n", "assert False\n", {"error"}, {}, False),
     "override_assert_machinery": ("import builtins, math\nbuiltins.AssertionError = type('A', (Exception,), {{}})\n"
                                   "math.isclose = lambda *a, **k: True\ncheck = lambda *a: None\n"
                                   "def f(x):\n    return x\n",
@@ -204,7 +207,7 @@ HOSTILE = {
                              dict(setup="def check(a, b):\n    assert a == b\n"), False),
     "fake_success_marker": ("import os\nprint('PASS'); print('{{\"status\": \"passed\"}}')\nfor fd in range(3, 64):\n"
                             "    try:\n        os.write(fd, b'PASS 0123456789abcdef\\n{{\"exit\": 0}}\\n')\n"
-                            "    except OSError:\n        pass\nos._exit(0)\n", "assert False\n", {"failed"}, {}, False),
+                            "    except OSError:\n        pass\nos._exit(0)\n", "assert False\n", {"error"}, {}, False),
     "env_secrets": ("import os\nleak = repr(dict(os.environ))\nprint(leak)\nopen('leak.txt', 'w').write(leak)\n"
                     "for p in ('/proc/1/environ', '/proc/{parent_pid}/environ'):\n    try:\n"
                     "        print(open(p, 'rb').read())\n    except OSError as e:\n        print(e)\n", "",
@@ -215,20 +218,20 @@ HOSTILE = {
     "setsid_sleeper_past_timeout": (SAFE + SLEEPER + "import time\nif posix.fork() == 0:\n    posix.setsid()\n"
                                     "    sleeper()\n" + FIND + "time.sleep(30 if found else 0)\n", "", {"timeout"}, dict(timeout=1.0), True),
     "write_2gb_file": ("with open('big.bin', 'wb') as f:\n    for _ in range(2048):\n"
-                       "        f.write(b'\\0' * (1 << 20))\n", "", {"crashed", "failed"}, dict(max_file_mb=8), False),
+                       "        f.write(b'\\0' * (1 << 20))\n", "", {"limit"}, dict(max_file_mb=8), False),
     "fill_dev_shm": ("for i in range(100):\n    open('/dev/shm/f%d' % i, 'wb').write(b'\\0' * (4 << 20))\n", "",
-                     {"failed", "crashed"}, {}, True),
-    "many_open_files": ("fs = [open('f%d' % i, 'w') for i in range(5000)]\n", "", {"failed"}, {}, False),
+                     {"limit"}, {}, True),
+    "many_open_files": ("fs = [open('f%d' % i, 'w') for i in range(5000)]\n", "", {"limit"}, {}, False),
     "ignore_sigterm": ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(30)\n", "",
                        {"timeout"}, dict(timeout=1.0), False),
     "sleeping_threads": ("import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
                          "threading.Thread(target=time.sleep, args=(60,)).start()\n", "", {"passed"}, {}, False),
     "read_etc_passwd_allowed": ("data = open('/etc/passwd').read()\n", "assert 'root' in data\n", {"passed"}, {}, False),
-    "chdir_up_guarded": ("import os\nos.chdir('..')\n", "", {"failed"}, {}, False),
+    "chdir_up_guarded": ("import os\nos.chdir('..')\n", "", {"error"}, {}, False),
     "chdir_up_delete_bypass": ("import posix\nposix.chdir('..')\nfor n in posix.listdir('.'):\n"
                                "    if n.startswith('prism-canary'):\n        posix.unlink(n)\n", "",
-                               {"passed", "failed"}, {}, True),
-    "write_outside_canary_dir": ("open({canary!r} + '/new.txt', 'w').write('x')\n", "", {"failed"}, {}, True),
+                               {"passed", "error"}, {}, True),
+    "write_outside_canary_dir": ("open({canary!r} + '/new.txt', 'w').write('x')\n", "", {"error"}, {}, True),
 }
 
 

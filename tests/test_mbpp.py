@@ -214,7 +214,13 @@ def test_decode_and_sample_metrics(cache, allowed):
         samples[row, -256:] = task.special["eos"]
         samples[row, -256:-256 + len(ids)] = torch.tensor(ids)
     assert [task.decode(s) for s in samples] == answers
-    assert task.sample_metrics(samples, batch)["extracted"].tolist() == [1.0, 0.0]
+    m = task.sample_metrics(samples, batch)
+    assert m["extracted"].tolist() == [1.0, 0.0] and m["empty_output"].tolist() == [0.0, 0.0]
+    assert m["hit_gen_length"].tolist() == [0.0, 0.0]
+    samples[0, -256:] = task.special["eos"]          # an empty answer
+    samples[1, -256:] = task.tokenizer("x", add_special_tokens=False)["input_ids"][0]  # no EOS: cut off
+    m = task.sample_metrics(samples, batch)
+    assert m["empty_output"].tolist() == [1.0, 0.0] and m["hit_gen_length"].tolist() == [0.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- scoring and the oracle
@@ -229,7 +235,7 @@ def test_oracle_sample_of_each_split(cache, allowed, split, style):
         chosen = sorted(set(chosen) | {i for i, p in enumerate(task.problems) if p["task_id"] in (367, 601, 927)})
     metrics = oracle_metrics(task, chosen)
     assert metrics["pass@1"] == 1.0 and metrics["n_problems"] == len(chosen)
-    assert metrics["exec_timeout"] == 0.0 and metrics["exec_crashed"] == 0.0
+    assert all(metrics[f"exec_{s}"] == 0.0 for s in ("failed", "error", "limit", "timeout", "harness"))
 
 
 def test_oracle_every_style_and_wrong_programs(cache, allowed, tmp_path):
@@ -242,10 +248,11 @@ def test_oracle_every_style_and_wrong_programs(cache, allowed, tmp_path):
         wrong.append({"index": 4, "text": "no code here, sorry."})
         metrics = task.corpus_metrics(wrong)
         assert metrics["pass@1"] == 0.0 and metrics["n_problems"] == 5
-        assert [r["status"] for r in wrong] == ["failed"] * 5 and wrong[4]["program"] == ""
+        assert [r["status"] for r in wrong] == ["error"] * 4 + ["failed"] and wrong[4]["program"] == ""
+        assert "NameError" in wrong[0]["exec_message"] and metrics["exec_error"] == 0.8
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(rows) == 5 and rows[0]["task_id"] == 511
-    assert {"task_id", "status", "message", "seconds", "program", "text"} <= set(rows[0])
+    assert {"task_id", "status", "message", "seconds", "isolation", "program", "text"} <= set(rows[0])
 
 
 def test_pass_at_k_from_repeated_samples(cache, allowed):

@@ -348,3 +348,90 @@ def test_released_prism_llada_order_is_after_unmask_with_the_central_budget():
     for i, (st, (taken, gone)) in enumerate(zip(out.trace, ref_log)):
         assert torch.equal(st["unmasked"], taken) and torch.equal(st["remasked"], gone), i
     assert torch.equal(out.tokens, ref_x)
+
+
+# ---- 5. LLaDA's EOS options: logits_eos_inf and confidence_eos_eot_inf --------------------------
+
+EOS, EOT = 1, 2
+
+
+def llada_generate_eos(model, prompt, attention_mask, steps, gen_length, block_length, logits_eos_inf=False,
+                       confidence_eos_eot_inf=False):
+    """``llada_generate`` with LLaDA's two EOS options at temperature 0, as its code reads: the EOS
+    logit at −inf before the argmax (``logits_eos_inf``); after the argmax, the EOS and EOT logits at
+    −inf before the softmax that gives the confidence (``confidence_eos_eot_inf``: at τ = 0 the noisy
+    logits are the logits, so both are set). A guess of EOS/EOT then has confidence 0; ties among
+    such zeros are broken here by the guess's own probability, as the sampler documents."""
+    B, P = prompt.shape
+    x = torch.cat([prompt, torch.full((B, gen_length), MASK, dtype=torch.long)], 1)
+    seen = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=torch.bool)], 1)
+    n_blocks = gen_length // block_length
+    per_block = steps // n_blocks
+    for b in range(n_blocks):
+        end = P + (b + 1) * block_length
+        n = (x[:, P + b * block_length:end] == MASK).sum(1)
+        quota = [n // per_block + (j < n % per_block) for j in range(per_block)]
+        for j in range(per_block):
+            masked = x == MASK
+            logits = model(x, attention_mask=seen).log_probs.clone()
+            if logits_eos_inf:
+                logits[..., EOS] = float("-inf")
+            guess = logits.argmax(-1)
+            own = torch.softmax(logits, -1).gather(-1, guess[..., None]).squeeze(-1)
+            if confidence_eos_eot_inf:
+                logits[..., EOS] = logits[..., EOT] = float("-inf")
+            conf = torch.softmax(logits, -1).gather(-1, guess[..., None]).squeeze(-1)
+            conf = torch.where(conf > 0, conf, own * 1e-12)  # the zeros, ordered by their own probability
+            conf[:, end:] = float("-inf")
+            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+            take = torch.zeros_like(masked)
+            for r in range(B):
+                take[r, torch.topk(conf[r], int(quota[j][r])).indices] = True
+            x = torch.where(take, guess, x)
+    return x
+
+
+class EOSLoverLM(ToyLM):
+    """ToyLM whose logits favour EOS and EOT (+2.5) so that they are often the argmax."""
+
+    def __call__(self, z, attention_mask=None, t=None):
+        out = super().__call__(z, attention_mask, t)
+        logits = out.log_probs.clone()
+        logits[..., EOS] += 2.5
+        logits[..., EOT] += 2.5
+        return SimpleNamespace(log_probs=logits.log_softmax(-1), quality_logits=out.quality_logits)
+
+
+@pytest.mark.parametrize("flags", [dict(logits_eos_inf=True), dict(confidence_eos_eot_inf=True),
+                                   dict(logits_eos_inf=True, confidence_eos_eot_inf=True)])
+def test_llada_eos_options_match_generate(flags):
+    prompt, seen = prompts([4, 6, 5])
+    model = EOSLoverLM()
+    plain = llada_generate_eos(model, prompt, seen, 12, 24, 8)
+    ref = llada_generate_eos(model, prompt, seen, 12, 24, 8, **flags)
+    kw = {}
+    if flags.get("logits_eos_inf"):
+        kw["forbid_tokens"] = [EOS]
+    if flags.get("confidence_eos_eot_inf"):
+        kw["low_confidence_tokens"] = [EOS, EOT]
+    out = semi_ar_sampler(steps=12, block_length=8, **kw)(model, semi_ar_batch(prompt, seen, 24),
+                                                             torch.Generator().manual_seed(0))
+    assert torch.equal(out.tokens, ref)
+    assert not torch.equal(ref, plain)                       # the option changes the samples here
+    gen = out.tokens[:, prompt.shape[1]:]
+    if flags.get("logits_eos_inf"):
+        assert not (gen == EOS).any() and (plain[:, prompt.shape[1]:] == EOS).any()
+
+
+def test_confidence_exclude_by_hand():
+    """p = (0.1, 0.2, 0.3, 0.4) over tokens 0..3, EOS = 1, EOT = 2 excluded: a drawn 3 has confidence
+    0.4 / (1 - 0.5) = 0.8; a drawn 0 has 0.2; a drawn 1 or 2 comes after both."""
+    from prism.samplers.rules import ConfidenceUnmask
+
+    lp = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().expand(1, 4, 4)
+    tokens = torch.tensor([[3, 0, 1, 2]])
+    s = ConfidenceUnmask(exclude=[EOS, EOT]).scores(lp, tokens, tokens, None)
+    assert torch.allclose(s[0, :2].exp(), torch.tensor([0.8, 0.2], dtype=torch.float64))
+    assert (s[0, 2:] < -1e5).all() and s[0, 3] > s[0, 2]   # the excluded last, ordered by their own p
+    with pytest.raises(ValueError, match="unmask_rules.confidence.exclude"):
+        semi_ar_sampler(low_confidence_tokens=[1], unmask_rule=ConfidenceUnmask())

@@ -10,8 +10,10 @@ Every decision is per sequence. Fixed positions (givens, prompts, padding) never
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -68,6 +70,18 @@ class SamplerState:
     @property
     def n_free(self) -> torch.Tensor:
         return (~self.fixed).sum(1)
+
+
+def forbid(out, ids: Sequence[int]):
+    """``out`` with ``log_probs`` renormalised without the tokens ``ids`` (their logits at −inf):
+    log p'(v) = log p(v) − log(1 − Σ_{e ∈ ids} p(e)), −inf at ids. The other fields are kept."""
+    lp = out.log_probs
+    idx = torch.tensor(ids, device=lp.device)
+    mass = lp.index_select(-1, idx).double().exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12)
+    new = (lp - torch.log1p(-mass).to(lp.dtype)).index_fill(-1, idx, float("-inf"))
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, log_probs=new)
+    return SimpleNamespace(**{**vars(out), "log_probs": new})
 
 
 def choose(count: Optional[torch.Tensor], prob: Optional[torch.Tensor], candidates: torch.Tensor,
@@ -196,7 +210,9 @@ class Sampler:
     to its own fresh columns and, elsewhere, to its own last refresh, exactly as alone. ``nfe`` counts
     the steps that ran the network (a step's sub-batch passes are one evaluation of each row).
     A plan's ``threshold`` τ (parallel decoding) also unmasks every candidate whose drawn token has
-    probability ≥ τ, beyond the planned count.
+    probability ≥ τ, beyond the planned count. ``forbid_tokens`` (LLaDA's ``logits_eos_inf`` with
+    EOS): those tokens get probability 0 and the rest are renormalised before the draw and the rules
+    (``forbid``), so they are never generated (the final noise removal excepted).
 
     ``window_logits``: without a KV cache, a pass still computes every position (full attention) but
     the output layer and the SUBS softmax only on the columns the step may change (the span of the
@@ -216,8 +232,10 @@ class Sampler:
         kv_cache: str = "none",
         refresh: str = "block",
         window_logits: bool = True,
+        forbid_tokens: Sequence[int] = (),
     ):
         check_kv_cache(kv_cache, refresh)
+        self.forbid_tokens = tuple(int(t) for t in forbid_tokens)
         self.window_logits = window_logits
         self.schedule = schedule
         self.unmask_rule = unmask_rule or RandomUnmask()
@@ -306,6 +324,8 @@ class Sampler:
         remasked, extra network passes); updates ``view.confidence``."""
         mask_id, fixed = view.mask_id, view.fixed
         masked, clean = view.masked, view.clean
+        if self.forbid_tokens:
+            out = forbid(out, self.forbid_tokens)
         view.log_probs, view.token_log_probs = out.log_probs, getattr(out, "token_log_probs", None)
         view.quality = getattr(out, "quality_logits", None)
         window = plan.window[:, lo:hi] if plan.window is not None else torch.ones_like(masked)

@@ -3,7 +3,7 @@ each row's top-n by score among its candidates.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,12 +28,30 @@ class RandomUnmask(UnmaskRule):
         return torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
 
 
+LAST = -1e6  # below any finite log-probability (p >= e^-1e6 underflows to 0), above select_top's -inf
+
+
 @UNMASK_RULES.register("confidence")
 class ConfidenceUnmask(UnmaskRule):
-    """Highest probability of the drawn token first (LLaDA's low-confidence remasking)."""
+    """Highest probability of the drawn token first (LLaDA's low-confidence remasking).
+
+    ``exclude`` (token ids; LLaDA's ``confidence_eos_eot_inf`` with EOS and end of turn): the confidence
+    is the drawn token's probability under softmax(logits) with those tokens' logits at −inf, i.e.
+    p(x) / (1 − Σ_{e ∈ exclude} p(e)), and a drawn excluded token has confidence 0: it unmasks after every
+    other candidate (score ``LAST`` + its own log-probability, which orders the excluded among
+    themselves). Only (B, L) values are computed."""
+
+    def __init__(self, exclude: Sequence[int] = ()):
+        self.exclude = tuple(int(e) for e in exclude)
 
     def scores(self, log_probs, tokens, z, generator):
-        return log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        lp = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        if not self.exclude:
+            return lp
+        ids = torch.tensor(self.exclude, device=log_probs.device)
+        mass = log_probs.index_select(-1, ids).double().exp().sum(-1)
+        renorm = lp.double() - torch.log1p(-mass.clamp(max=1 - 1e-12))
+        return torch.where(torch.isin(tokens, ids), LAST + lp.double(), renorm)
 
 
 @UNMASK_RULES.register("margin")

@@ -39,7 +39,7 @@ is always recomputed.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -256,15 +256,22 @@ def semi_ar_sampler(steps: int = 128, block_length: int = 32, remask_per_block: 
                     remask_rule: Optional[RemaskRule] = None, unmask_rule: Optional[UnmaskRule] = None,
                     temperature: float = 0.0, top_p: float = 1.0, remask_spread: str = "inner",
                     cache: str = "none", threshold: Optional[float] = None, refresh: str = "block",
-                    threshold_rule: str = "planned") -> Sampler:
+                    threshold_rule: str = "planned", forbid_tokens: Sequence[int] = (),
+                    low_confidence_tokens: Sequence[int] = ()) -> Sampler:
     """LLaDA's semi-autoregressive sampler (most confident first, greedy by default) with
     ``remask_per_block`` remasks per block by ``remask_rule`` (default: the PRISM head), spread by
     ``remask_spread``. Fast-dLLM's speed-ups: ``cache`` = 'none' | 'prefix' | 'dual' (KV cache
     refreshed at each block start; see ``Sampler``) and ``threshold`` = τ (parallel decoding) by
     ``threshold_rule``: 'planned' (the default: the planned share plus every token ≥ τ, never more than
     ``steps`` passes) or 'fast_dllm' (Fast-dLLM's: the most confident plus every token ≥ τ, until the
-    block is complete; the pass count depends on the data)."""
+    block is complete; the pass count depends on the data). LLaDA's EOS options: ``forbid_tokens``
+    (``logits_eos_inf``: [EOS]) are never drawn (``Sampler``); ``low_confidence_tokens``
+    (``confidence_eos_eot_inf``: [EOS, end of turn]) unmask last (``ConfidenceUnmask.exclude``)."""
     schedule = SemiARSchedule(steps, block_length, remask_per_block, remask_spread, threshold, threshold_rule)
-    return Sampler(schedule, unmask_rule or ConfidenceUnmask(), CategoricalDraw(temperature, top_p),
-                   noise_removal=True, cache=True, kv_cache=cache, refresh=refresh,
+    if low_confidence_tokens and unmask_rule is not None:
+        raise ValueError("samplers.semi_ar.low_confidence_tokens sets the confidence rule's exclude list; with "
+                         "an unmask_rule of your own, give it unmask_rules.confidence.exclude instead")
+    unmask_rule = unmask_rule or ConfidenceUnmask(exclude=low_confidence_tokens)
+    return Sampler(schedule, unmask_rule, CategoricalDraw(temperature, top_p), noise_removal=True, cache=True,
+                   kv_cache=cache, refresh=refresh, forbid_tokens=forbid_tokens,
                    remask_rule=(remask_rule or PRISMRemask()) if remask_per_block else remask_rule)
