@@ -54,7 +54,6 @@ import os
 import pickle
 import re
 import sys
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import gin
@@ -164,19 +163,57 @@ def save_mdlm_hf(model: torch.nn.Module, path: str, dtype=None) -> List[str]:
 
 
 # ---------------------------------------------------------------------------- Lightning .ckpt
+class Opaque:
+    """Stands in for a pickled object whose class this reader does not import (omegaconf's ``DictConfig``
+    in MDLM's ``hyper_parameters``, a tokenizer, Lightning's loop state): its constructor arguments and
+    pickled state are kept as plain data in ``args`` and ``state``; no code of its class runs."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.state = args, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+# what a tensor checkpoint needs from the pickle, and nothing that runs code of the file's choosing
+_ALLOWED = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+            ("builtins", "complex"), ("builtins", "bytearray"), ("copyreg", "_reconstructor"),
+            ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+            ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+            ("torch.serialization", "_get_layout"), ("torch", "float32"), ("torch", "bfloat16"), ("torch", "float16"),
+            ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "bool")}
+
+
+class _OpaqueUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED or (module == "torch" and name.endswith("Storage")):
+            return super().find_class(module, name)
+        return type(name, (Opaque,), {"__module__": f"prism.opaque.{module}"})
+
+
+class _OpaquePickle:
+    """A ``pickle_module`` for ``torch.load``: tensors as usual, every other class an ``Opaque``."""
+
+    Unpickler = _OpaqueUnpickler
+    __name__ = "prism_opaque_pickle"
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _OpaqueUnpickler(f, **kwargs).load()
+
+
 def read_lightning(path: str) -> dict:
     """``torch.load`` of a Lightning checkpoint on the CPU. Tensor-only pickles load with
-    ``weights_only=True``; MDLM's real checkpoints also pickle omegaconf objects (``hyper_parameters``),
-    which only a full unpickle reads: it runs code from the file, so it happens with a warning, as
-    Lightning itself loads them. Load only checkpoints you trust."""
+    ``weights_only=True``; MDLM's real checkpoints also pickle omegaconf objects (``hyper_parameters``,
+    a ``DictConfig``) and more, which that refuses: those are read with an unpickler that rebuilds
+    tensors and turns every other class into an ``Opaque`` record, so neither omegaconf nor any code
+    named by the file is imported or run (the weights are all this reader needs)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"MDLM checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        warnings.warn(f"{path} holds non-tensor Python objects (e.g. omegaconf hyper_parameters); reading it "
-                      "with a full unpickle (weights_only=False): load only checkpoints you trust", stacklevel=2)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_OpaquePickle)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a Lightning checkpoint: no 'state_dict' entry (found {keys})")

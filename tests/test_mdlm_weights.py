@@ -184,17 +184,52 @@ def test_lightning_errors_name_what_is_wrong(tmp_path):
         load_mdlm_lightning(target, path)
 
 
-def test_a_ckpt_with_python_objects_is_read_with_a_warning(tmp_path):
-    """MDLM's real checkpoints pickle omegaconf hyper_parameters, which weights_only=True refuses."""
-    import argparse
+FAKE_OMEGACONF = """
+import os
+class DictConfig(dict):
+    # MDLM's real .ckpt pickles omegaconf DictConfigs in hyper_parameters; this stand-in pickles the same
+    # way (a class with state) and leaves a mark if any of its code runs when the file is read
+    def __reduce__(self):
+        return (DictConfig, (), {"_content": dict(self), "_metadata": {"flags": {"readonly": True}}})
+    def __setstate__(self, state):
+        open(os.environ["OMEGACONF_MARK"], "w").write("ran")
+"""
+
+
+def test_a_ckpt_with_omegaconf_objects_converts_without_omegaconf(tmp_path, monkeypatch):
+    """MDLM's real checkpoints pickle an omegaconf DictConfig (and a tokenizer) in hyper_parameters:
+    weights_only=True refuses them, a full unpickle needs omegaconf installed and runs the file's code.
+    The reader turns them into Opaque records instead: the weights load, omegaconf is never imported,
+    none of its code runs."""
+    import sys
+
+    from prism.mdlm_weights import Opaque, read_lightning
+
+    pkg = tmp_path / "fake" / "omegaconf"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(FAKE_OMEGACONF)
+    mark = tmp_path / "ran.txt"
+    monkeypatch.setenv("OMEGACONF_MARK", str(mark))
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    import omegaconf
 
     raw, ema = model(0), model(2)
     path = str(tmp_path / "last.ckpt")
-    torch.save({**lightning_ckpt(raw, ema), "hyper_parameters": argparse.Namespace(lr=3e-4)}, path)
+    config = omegaconf.DictConfig(model={"hidden_size": 32}, backbone="dit")
+    torch.save({**lightning_ckpt(raw, ema), "hyper_parameters": {"config": config}}, path)
+    monkeypatch.delitem(sys.modules, "omegaconf")
+    sys.path.remove(str(tmp_path / "fake"))
+    with pytest.raises(ModuleNotFoundError):
+        import omegaconf  # noqa: F401,F811 - gone, as on a machine without it
+
+    ckpt = read_lightning(path)
+    hp = ckpt["hyper_parameters"]["config"]
+    assert isinstance(hp, Opaque) and hp.state["_content"] == {"model": {"hidden_size": 32}, "backbone": "dit"}
     target = model(1)
-    with pytest.warns(UserWarning, match="full unpickle"):
-        load_mdlm_lightning(target, path)
+    load_mdlm_lightning(target, path)
     assert torch.equal(logits(target), logits(ema))
+    main(["convert", path, str(tmp_path / "mdlm.safetensors")])
+    assert not mark.exists() and "omegaconf" not in sys.modules
 
 
 def test_gin_routes_for_the_hf_layout(tmp_path, tiny_gin):
@@ -243,3 +278,39 @@ def test_time_conditioning_feeds_mdlm_sigma_or_zeros():
             want = torch.nn.functional.silu(mlp[2](torch.nn.functional.silu(mlp[0](sinusoid(sigma)))))
         torch.testing.assert_close(cond, want, rtol=1e-5, atol=1e-6)
         assert torch.allclose(cond[0], cond[1]) != conditioned
+
+
+def documented_key_map_block(doc: str) -> str:
+    """The gin block of the docs that loads MDLM's released model.safetensors."""
+    import re
+
+    blocks = re.findall(r"```gin\n(.*?)```", open(doc).read(), flags=re.S)
+    return next(b for b in blocks if "MDLM's released DiT" in b)
+
+
+def test_the_documented_key_map_loads_an_mdlm_file_strictly(tmp_path):
+    """The docs' example (experiment.init_checkpoint + key_map) on a file in MDLM's Hugging Face layout,
+    rotary buffer included: a strict load with the same logits, as %MDLM_KEY_MAP gives."""
+    import gin
+
+    from prism.checkpoint import compile_key_map
+    from prism.mdlm_weights import MDLM_KEY_MAP
+
+    import conftest
+
+    raw = model(0)
+    path = tmp_path / "model.safetensors"
+    save_mdlm_hf(raw, str(path))
+    assert "backbone.rotary_emb.inv_freq" in load_file(str(path))
+    block = documented_key_map_block(os.path.join(conftest.REPO, "README.md"))
+    binds = [line.split("#")[0] for line in block.splitlines() if line.startswith(("experiment.key_map", " "))]
+    gin.clear_config()
+    try:
+        gin.parse_config("\n".join(binds))
+        key_map = gin.query_parameter("experiment.key_map")
+    finally:
+        gin.clear_config()
+    assert [tuple(x) for x in key_map] == [tuple(x) for x in MDLM_KEY_MAP]
+    target = model(1)
+    load_weights(target, str(path), key_map=compile_key_map(key_map))
+    assert torch.equal(logits(target), logits(raw))
