@@ -164,8 +164,8 @@ def sudoku(args) -> dict:
     import subprocess
 
     rows = []
-    models = [("MDM", "gin/sudoku/mdm.gin", "gin/sudoku/mdm.safetensors", 0),
-              ("PRISM", "gin/sudoku/prism_kuniform.gin", "gin/sudoku/prism_kuniform.safetensors", args.k_block)]
+    models = [("MDM", "gin/sudoku/mdm.gin", "weights/sudoku/mdm.safetensors", 0),
+              ("PRISM", "gin/sudoku/prism_kuniform.gin", "weights/sudoku/prism_kuniform.safetensors", args.k_block)]
     for (name, config, weights, remask), threshold, cache in itertools.product(models, (None, args.threshold), CACHES):
         out = os.path.join(args.runs, f"{name.lower()}_{cache}_{'tau' if threshold else 'plain'}")
         cmd = [sys.executable, "run.py", "eval", config, "--output-dir", out,
@@ -191,7 +191,7 @@ def sudoku(args) -> dict:
 def sudoku_table(result: dict, args) -> str:
     lines = [f"The shipped Sudoku models, {args.limit} dev puzzles, semi-AR blocks of {args.block_length} cells, "
              f"{args.steps} steps, greedy, most confident first; PRISM: the k-uniform fine-tune "
-             f"(gin/sudoku/prism_kuniform.safetensors), {args.k_block} remasks per block by its head. "
+             f"(weights/sudoku/prism_kuniform.safetensors), {args.k_block} remasks per block by its head. "
              f"Seconds: sampling the puzzles with {args.threads} CPU thread(s).", "",
              "| model | threshold | cache | success | NFE per batch | s |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:

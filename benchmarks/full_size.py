@@ -60,6 +60,27 @@ def default_cache() -> str:
     return os.path.join(root, "full_size")
 
 
+def run_phase(profile_name, phase, work):
+    import full_size_llada as L
+    import full_size_mdlm as M
+
+    """Run one phase of a profile in this process (the child): the LLaDA or MDLM part's function."""
+    profile = PROFILES[profile_name]
+    os.makedirs(work, exist_ok=True)
+    if profile["family"] == "llada":
+        table = dict(weights=lambda: L.write_llada(profile, os.path.join(work, "weights")),
+                     load=lambda: L.phase_load(profile, work), train=lambda: L.phase_train(profile, work),
+                     resume=lambda: L.phase_resume(profile, work),
+                     mdm_step=lambda: L.phase_train(profile, work, loss="@losses.mdlm()"),
+                     sample=lambda: L.phase_sample(profile, work),
+                     sample_full=lambda: L.phase_sample(profile, work, "sample_full"))
+    else:
+        table = dict(weights=lambda: M.write_mdlm(profile, os.path.join(work, "weights")),
+                     convert=lambda: M.phase_convert(profile, work), train=lambda: M.phase_owt_train(profile, work),
+                     sweep=lambda: M.phase_sweep(profile, work))
+    return table[phase]()
+
+
 def run_child(profile: str, phase: str, work: str, log) -> dict:
     """One phase in a child process; its stdout streamed here; (result, wall s, peak RSS bytes)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", phase, profile, "--cache", os.path.dirname(work)]
@@ -142,7 +163,6 @@ def main(argv=None):
     cache = os.path.abspath(args.cache or default_cache())
     work = os.path.join(cache, args.profile)
     if args.child:
-        from full_size_phases import run_phase
 
         out = run_phase(args.profile, args.child, work)
         print("RESULT " + json.dumps(out), flush=True)
@@ -158,7 +178,7 @@ def main(argv=None):
     json_path = os.path.join(args.out, f"full_size_{args.profile}.json")
     res = load_results(json_path)
     res.setdefault("phases", {})
-    import run as run_cli
+    from prism import cli as run_cli
     from full_size_phases import derive, machine
 
     res.update(profile=args.profile, machine=machine(), commit=run_cli.git_commit().get("commit"),

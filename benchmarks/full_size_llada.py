@@ -100,7 +100,7 @@ def predicted_train(profile, runtime):
 
 
 def run_train(work, name, binds, resume_from=None):
-    import run
+    from prism import cli
 
     out = os.path.join(work, name)
     if resume_from is None:
@@ -111,7 +111,7 @@ def run_train(work, name, binds, resume_from=None):
         os.makedirs(os.path.join(out, "checkpoints"))
         shutil.copytree(resume_from, os.path.join(out, "checkpoints", os.path.basename(resume_from)))
         argv.append("--resume")
-    run.main(argv)
+    cli.main(argv)
     return out
 
 
@@ -190,8 +190,8 @@ def phase_sample(profile, work, key="sample"):
     import torch
     from accelerate import Accelerator
 
-    import run
-    from prism.evaluate import generate_and_score
+    from prism import cli
+    from prism.evaluation.evaluate import generate_and_score
     from prism.experiment import build_experiment
     from prism.samplers.semi_ar import semi_ar_sampler
 
@@ -206,7 +206,7 @@ def phase_sample(profile, work, key="sample"):
         f"tasks.mbpp.cache_dir = '{os.path.join(work, 'data')}'", f"tasks.mbpp.gen_length = {s['gen_length']}",
         f"STEPS = {s['steps']}", f"BLOCK_LENGTH = {s['block_length']}", f"evaluate.batch_size = {s['prompts']}"]
     runtime = runtime_rss()
-    run.parse_gin([MBPP_GIN], binds)
+    cli.parse_gin([MBPP_GIN], binds)
     exp = build_experiment()
     sched = exp.sampler.schedule  # the recipe's sampler as the gin files build it
     recipe = dict(steps=sched.n_steps, block_length=sched.block_length, remask_per_block=sched.remask_per_block,
@@ -225,7 +225,7 @@ def phase_sample(profile, work, key="sample"):
             res = generate_and_score(exp, acc, os.path.join(work, key, name), batch_size=s["prompts"],
                                      limit=s["prompts"])
         generated = s["prompts"] * s["gen_length"]  # generated tokens only: no prompt, no padding
-        with open(os.path.join(work, "sample", name, "samples.jsonl")) as f:
+        with open(os.path.join(work, key, name, "samples.jsonl")) as f:
             statuses = [json.loads(line).get("status") for line in f]
         out["variants"][name] = dict(seconds=round(res["seconds"], 1), nfe=res.get("nfe"), remask_per_block=k,
                                      tokens_per_s=generated / res["seconds"], peak_rss_bytes=status("VmHWM"),

@@ -66,7 +66,7 @@ def phase_convert(profile, work):
 
 
 def phase_owt_train(profile, work):
-    import run
+    from prism import cli
 
     runtime = runtime_rss()
     t = profile["train"]
@@ -76,7 +76,7 @@ def phase_owt_train(profile, work):
         f"experiment.init_checkpoint = '{os.path.join(work, 'mdlm_prism.safetensors')}'",
         f"train.steps = {t['steps']}", f"train.batch_size = {t['batch']}", "train.save_every = 1",
         "train.log_every = 1", "run.eval_after_train = False"]
-    run.main(["train", OWT_PRISM_GIN, "--output-dir", out] + [x for b in binds for x in ("--bind", b)])
+    cli.main(["train", OWT_PRISM_GIN, "--output-dir", out] + [x for b in binds for x in ("--bind", b)])
     rows, last, step_s = last_step(out)
     ckpt = os.path.join(out, "checkpoints", f"step_{last:08d}")
     return dict(loss={k: r["loss"] for k, r in rows.items()}, step_s=round(step_s, 2), runtime_rss_bytes=runtime,

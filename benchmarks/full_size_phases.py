@@ -107,32 +107,11 @@ def runtime_rss():
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import run  # noqa: F401
+    from prism import cli  # noqa: F401
     from registry import load_builtin_components
 
     load_builtin_components()
     return status("VmRSS")
-
-
-# ------------------------------------------------------------------------------------ dispatch
-def run_phase(profile_name, phase, work):
-    import full_size_llada as L
-    import full_size_mdlm as M
-
-    profile = PROFILES[profile_name]
-    os.makedirs(work, exist_ok=True)
-    if profile["family"] == "llada":
-        table = dict(weights=lambda: L.write_llada(profile, os.path.join(work, "weights")),
-                     load=lambda: L.phase_load(profile, work), train=lambda: L.phase_train(profile, work),
-                     resume=lambda: L.phase_resume(profile, work),
-                     mdm_step=lambda: L.phase_train(profile, work, loss="@losses.mdlm()"),
-                     sample=lambda: L.phase_sample(profile, work),
-                     sample_full=lambda: L.phase_sample(profile, work, "sample_full"))
-    else:
-        table = dict(weights=lambda: M.write_mdlm(profile, os.path.join(work, "weights")),
-                     convert=lambda: M.phase_convert(profile, work), train=lambda: M.phase_owt_train(profile, work),
-                     sweep=lambda: M.phase_sweep(profile, work))
-    return table[phase]()
 
 
 def derive(profile_name, phases):

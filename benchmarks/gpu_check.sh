@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: at most 5 minutes on one GPU. CI has no GPU, so a CUDA bug is invisible until
 # someone runs this; contributors with a GPU run it before sending a change that touches training,
-# sampling or the models, and paste what it prints (with the card's name) into the README.
+# sampling or the models, and paste what it prints (with the card's name) into docs/testing.md.
 #
 #   bash benchmarks/gpu_check.sh                       # from an installed checkout
 #   PRISM_DATA=/path/to/shared/data bash benchmarks/gpu_check.sh   # data elsewhere than ../shared/data
@@ -80,7 +80,7 @@ EOF
 
 step "3. the shipped MDM on the 1000 dev puzzles, CUDA fp32"
 python run.py eval gin/sudoku/mdm.gin --output-dir "$OUT/shipped" \
-    --bind "experiment.init_checkpoint = 'gin/sudoku/mdm.safetensors'" --bind "evaluate.limit = $SHIPPED" 2>&1 | grep -v "it/s" | tail -4
+    --bind "experiment.init_checkpoint = 'weights/sudoku/mdm.safetensors'" --bind "evaluate.limit = $SHIPPED" 2>&1 | grep -v "it/s" | tail -4
 python - "$OUT/shipped" <<'EOF'
 import json, os, sys
 m = json.load(open(os.path.join(sys.argv[1], "metrics.json")))

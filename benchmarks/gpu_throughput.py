@@ -20,9 +20,9 @@ sys.path.insert(0, REPO)
 import gin  # noqa: E402
 import torch  # noqa: E402
 
-import run  # noqa: E402
+from prism import cli  # noqa: E402
 from prism.experiment import build_experiment  # noqa: E402
-from prism.train import TrainModule, step_generator  # noqa: E402
+from prism.training.loop import TrainModule, step_generator  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (the first match wins)
@@ -42,7 +42,7 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, device: torch
     from torch.utils.flop_counter import FlopCounterMode
 
     gin.clear_config()
-    run.parse_gin(["sudoku/mdm.gin"], [f"DIT_PRESET = '{preset}'", "tasks.sudoku.n_train_grids = 2000"])
+    cli.parse_gin(["sudoku/mdm.gin"], [f"DIT_PRESET = '{preset}'", "tasks.sudoku.n_train_grids = 2000"])
     exp = build_experiment()
     module = TrainModule(exp.model, exp.loss).to(device)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)

@@ -1,10 +1,10 @@
 """How well do the three quality signals tell wrong Sudoku fills from right ones? The PRISM head, the
 Token-Critic and the MDM's own confidence at fill time (the ReMDM-conf proxy), scored on the same
-boards, cells and draws (see ``prism/quality_eval.py``): AUROC, expected calibration error and a
+boards, cells and draws (see ``prism/evaluation/quality.py``): AUROC, expected calibration error and a
 reliability plot.
 
     python benchmarks/head_quality.py --prism runs/prism --critic runs/token_critic \
-        [--mdm gin/sudoku/mdm.safetensors] [--k 4] [--limit 2000] \
+        [--mdm weights/sudoku/mdm.safetensors] [--k 4] [--limit 2000] \
         [--out benchmarks/results/head_quality]
 
 Boards: the 2000 solved validation grids (``easy_sudokus_answer_valid.csv``) with the task's seeded
@@ -23,10 +23,10 @@ sys.path.insert(0, REPO)
 import gin  # noqa: E402
 import torch  # noqa: E402
 
-import run  # noqa: E402
-from prism.checkpoint import list_checkpoints  # noqa: E402
+from prism import cli  # noqa: E402
+from prism.training.checkpoints import list_checkpoints  # noqa: E402
 from prism.experiment import build_experiment  # noqa: E402
-from prism.quality_eval import collect, summarise  # noqa: E402
+from prism.evaluation.quality import collect, summarise  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
 
 LABELS = {"prism": "PRISM head g_i(y)", "token_critic": "Token-Critic on x̂", "confidence": "MDM confidence p(x̂_i | z)"}
@@ -44,7 +44,7 @@ def weights_of(path: str) -> str:
 
 def build(gin_file: str, weights: str, binds=()):
     gin.clear_config()
-    run.parse_gin([gin_file], [f"experiment.init_checkpoint = '{weights}'", "experiment.init_new = []",
+    cli.parse_gin([gin_file], [f"experiment.init_checkpoint = '{weights}'", "experiment.init_new = []",
                                "tasks.sudoku.n_train_grids = 10", "tasks.sudoku.cache_dir = None", *binds])
     exp = build_experiment()
     return exp.model.eval(), exp.task
@@ -76,7 +76,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prism", help="PRISM fine-tune (run dir, checkpoint dir or .safetensors)")
     p.add_argument("--critic", help="Token-Critic run (run dir, checkpoint dir or .safetensors)")
-    p.add_argument("--mdm", default="gin/sudoku/mdm.safetensors", help="the MDM that fills the cells")
+    p.add_argument("--mdm", default="weights/sudoku/mdm.safetensors", help="the MDM that fills the cells")
     p.add_argument("--k", type=int, default=4, help="scored fills per board (Algorithm 1's k)")
     p.add_argument("--limit", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=250)

@@ -4,8 +4,8 @@ MDLM, ReMDM-cap / -conf / -loop and PRISM / PRISM-loop, all with nucleus top_p 0
 row of held-out real text.
 
     python benchmarks/owt_sweep.py [--nfe 16 32 64 128 256] [--samplers mdlm prism ...] [--n 128]
-        [--batch-size 32] [--seed 0] [--metrics entropy gen_ppl mauve] [--mdm gin/owt/mdm.safetensors]
-        [--head gin/owt/prism_head.safetensors] [--out benchmarks/results/owt_sweep] [--resume]
+        [--batch-size 32] [--seed 0] [--metrics entropy gen_ppl mauve] [--mdm weights/owt/mdm.safetensors]
+        [--head weights/owt/prism_head.safetensors] [--out benchmarks/results/owt_sweep] [--resume]
         [--limit-minutes M] [--bind "gin binding" ...]
 
 Samplers at total NFE N (rows of PRISM's Table 2):
@@ -18,7 +18,7 @@ Samplers at total NFE N (rows of PRISM's Table 2):
               tokens (Algorithm 4), PRISM model
 The MDLM / ReMDM rows run gin/owt/small_cpu.gin with --mdm; the PRISM rows gin/owt/prism_cpu.gin with
 --mdm and the head-only file --head on top. Every configuration draws batch i with the generator
-step_generator(seed, i, domain=1) (as `run.py eval`). Metrics (prism/text_metrics.py) on the texts
+step_generator(seed, i, domain=1) (as `run.py eval`). Metrics (prism/metrics/text.py) on the texts
 task.decode gives: entropy always; gen_ppl under --judge; mauve with --featurizer against n held-out
 blocks of the task; the reference row scores n other held-out blocks. Judge and featurizer load once.
 
@@ -40,12 +40,12 @@ sys.path.insert(0, REPO)
 import gin  # noqa: E402
 import torch  # noqa: E402
 
-import run  # noqa: E402
+from prism import cli  # noqa: E402
 from prism.experiment import build_experiment  # noqa: E402
-from prism.metrics import run_scorers  # noqa: E402
+from prism.metrics.corpus import run_scorers  # noqa: E402
 from prism.paths import write_text_atomic  # noqa: E402
-from prism.text_metrics import Entropy, GenerativePerplexity, Mauve, reference_metrics  # noqa: E402
-from prism.train import step_generator  # noqa: E402
+from prism.metrics.text import Entropy, GenerativePerplexity, Mauve, reference_metrics  # noqa: E402
+from prism.training.loop import step_generator  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
 
 MDM_GIN, PRISM_GIN = "gin/owt/small_cpu.gin", "gin/owt/prism_cpu.gin"
@@ -54,10 +54,10 @@ LABELS = {"mdlm": "MDLM", "remdm_cap": "ReMDM-cap", "remdm_conf": "ReMDM-conf", 
           "prism": "PRISM", "prism_loop": "PRISM-loop"}
 METRICS = ["entropy", "gen_ppl", "mauve"]
 HINT = {"mdm": "make it with: python run.py train gin/owt/small_cpu.gin --output-dir runs/owt_mdm && "
-               "python -m prism.export runs/owt_mdm gin/owt/mdm.safetensors --dtype bfloat16",
+               "python -m prism.export runs/owt_mdm weights/owt/mdm.safetensors --dtype bfloat16",
         "head": "make it with: python run.py train gin/owt/prism_cpu.gin --output-dir runs/owt_prism && "
-                "python -m prism.export runs/owt_prism gin/owt/prism_head.safetensors --only 'head.*'"}
-VERSIONED = run.VERSIONED + ["mauve-text", "matplotlib"]
+                "python -m prism.export runs/owt_prism weights/owt/prism_head.safetensors --only 'head.*'"}
+VERSIONED = cli.VERSIONED + ["mauve-text", "matplotlib"]
 
 
 def config_for(sampler, n_steps, top_p, loop_remask, mdm_gin=MDM_GIN, prism_gin=PRISM_GIN):
@@ -93,7 +93,7 @@ def build(args, sampler, n_steps):
     else:
         common += ["experiment.init_new = []", "experiment.init_adapter = None"]
     gin.clear_config()
-    run.parse_gin([model_gin] + ([sampler_gin] if sampler_gin else []), common + binds + list(args.bind))
+    cli.parse_gin([model_gin] + ([sampler_gin] if sampler_gin else []), common + binds + list(args.bind))
     return build_experiment()
 
 
@@ -223,13 +223,13 @@ def check_args(p, args):
     for what, path in needed:
         if not os.path.isfile(resolve(path)):
             raise SystemExit(f"--{what} weights {path} not found; {HINT[what]}")
-    run.check_bindings(args.bind)
+    cli.check_bindings(args.bind)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mdm", default="gin/owt/mdm.safetensors", help="the base text MDM's weights")
-    p.add_argument("--head", default="gin/owt/prism_head.safetensors",
+    p.add_argument("--mdm", default="weights/owt/mdm.safetensors", help="the base text MDM's weights")
+    p.add_argument("--head", default="weights/owt/prism_head.safetensors",
                    help="the PRISM head (a head-only file, or a fine-tune's full weights), loaded on top of --mdm")
     p.add_argument("--mdm-gin", default=MDM_GIN, help="the base MDM's gin file (full scale: gin/owt/mdlm_owt.gin)")
     p.add_argument("--prism-gin", default=PRISM_GIN, help="the PRISM model's gin file (full scale: gin/owt/prism_mdlm_owt.gin)")
@@ -273,8 +273,8 @@ def main(argv=None):
             raise SystemExit(f"--resume: {json_path} was made with other settings ({same}); use another --out")
     settings["metrics"] = sorted(set(args.metrics) | {"entropy"})
     res.update(argv=sys.argv if argv is None else ["benchmarks/owt_sweep.py"] + list(argv),
-               versions=run.package_versions(VERSIONED),
-               git=run.git_commit(), device=str(device), threads=torch.get_num_threads())
+               versions=cli.package_versions(VERSIONED),
+               git=cli.git_commit(), device=str(device), threads=torch.get_num_threads())
 
     exp = build(args, args.samplers[0], args.nfe[0])  # the task: references, decoding, seq_len
     task = exp.task

@@ -18,12 +18,12 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-import run  # noqa: E402
+from prism import cli  # noqa: E402
 from prism.experiment import build_experiment  # noqa: E402
 from prism.samplers import mdlm_sampler  # noqa: E402
 from prism.samplers.prism import prism_sampler  # noqa: E402
 from prism.samplers.remdm import remdm_sampler  # noqa: E402
-from prism.train import step_generator  # noqa: E402
+from prism.training.loop import step_generator  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main():
     load_builtin_components()
     binds = ["tasks.sudoku.n_train_grids = 10", "tasks.sudoku.cache_dir = None", "experiment.init_new = []",
              f"experiment.init_checkpoint = {repr(args.weights) if args.weights else None}"]
-    run.parse_gin(["sudoku/prism.gin"], binds)
+    cli.parse_gin(["sudoku/prism.gin"], binds)
     exp = build_experiment()
     model = exp.model.eval()
     head = model.head

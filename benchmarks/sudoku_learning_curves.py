@@ -40,16 +40,16 @@ def validate(run_dir: str, n_grids: int = 512) -> dict:
     import gin
     import torch
 
-    import run
-    from prism.checkpoint import load_latest
+    from prism import cli
+    from prism.training.checkpoints import load_latest
     from prism.experiment import build_experiment
     from prism.losses.mdm import MDLMLoss
-    from prism.train import step_generator
+    from prism.training.loop import step_generator
     from registry import load_builtin_components
 
     load_builtin_components()
     gin.clear_config()
-    run.parse_gin([os.path.join(run_dir, "train_config.gin")], ["tasks.sudoku.n_train_grids = 10"])
+    cli.parse_gin([os.path.join(run_dir, "train_config.gin")], ["tasks.sudoku.n_train_grids = 10"])
     exp = build_experiment()
     if load_latest(exp.model, run_dir) is None:
         raise SystemExit(f"{run_dir} has no complete checkpoint")

@@ -7,7 +7,7 @@
   unmasked at the step in blue (with the digit written), cells remasked at the step in red (with the
   digit removed), cell colour = the quality the step saw (white: no quality yet).
 
-    python benchmarks/sudoku_pictures.py --weights gin/sudoku/prism.safetensors [--puzzle 0] \
+    python benchmarks/sudoku_pictures.py --weights weights/sudoku/prism.safetensors [--puzzle 0] \
         [--steps 51] [--num-remask 4] [--out benchmarks/results/sudoku_prism]
 """
 import argparse
@@ -19,17 +19,17 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-import run  # noqa: E402
+from prism import cli  # noqa: E402
 from prism.experiment import build_experiment  # noqa: E402
 from prism.samplers.prism import prism_sampler  # noqa: E402
-from prism.train import step_generator  # noqa: E402
+from prism.training.loop import step_generator  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
 from tasks.sudoku_plots import draw_board, grid, save_quality_board  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="gin/sudoku/prism.safetensors")
+    p.add_argument("--weights", default="weights/sudoku/prism.safetensors")
     p.add_argument("--puzzle", type=int, default=0, help="index into the dev puzzles")
     p.add_argument("--steps", type=int, default=51)
     p.add_argument("--num-remask", type=int, default=4)
@@ -43,7 +43,7 @@ def main():
     from matplotlib.animation import FuncAnimation, PillowWriter
 
     load_builtin_components()
-    run.parse_gin(["sudoku/prism.gin"], [f"experiment.init_checkpoint = '{args.weights}'", "experiment.init_new = []",
+    cli.parse_gin(["sudoku/prism.gin"], [f"experiment.init_checkpoint = '{args.weights}'", "experiment.init_new = []",
                                          "tasks.sudoku.n_train_grids = 10", "tasks.sudoku.cache_dir = None"])
     exp = build_experiment()
     model = exp.model.eval()

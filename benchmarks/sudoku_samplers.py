@@ -5,8 +5,8 @@ directory under --out), so any row can be re-run alone.
 
     python benchmarks/sudoku_samplers.py [--limit 1000] [--rows main|sweep|fix|all] [--only TEXT] [--out runs/sudoku_samplers]
 
-Weights: gin/sudoku/mdm.safetensors (vanilla, ReMDM), gin/sudoku/token_critic.safetensors,
-gin/sudoku/prism.safetensors; the `fix` rows also gin/sudoku/prism_kuniform.safetensors and, for one
+Weights: weights/sudoku/mdm.safetensors (vanilla, ReMDM), weights/sudoku/token_critic.safetensors,
+weights/sudoku/prism.safetensors; the `fix` rows also weights/sudoku/prism_kuniform.safetensors and, for one
 row, runs/prism_long (made by resuming the PRISM run to 1800 steps; see the README). Writes OUT/table.md.
 """
 import argparse
@@ -18,7 +18,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MDM, TC, PRISM = "gin/sudoku/mdm.safetensors", "gin/sudoku/token_critic.safetensors", "gin/sudoku/prism.safetensors"
+MDM, TC, PRISM = "weights/sudoku/mdm.safetensors", "weights/sudoku/token_critic.safetensors", "weights/sudoku/prism.safetensors"
 # name, model gin, sampler gin (None: the MDLM sampler of base.gin), weights, extra bindings
 MAIN = [
     ("vanilla MDM (MDLM sampler)", "gin/sudoku/mdm.gin", None, MDM, []),
@@ -35,7 +35,7 @@ SWEEP += [("vanilla MDM, T = 101", "gin/sudoku/mdm.gin", None, MDM, ["STEPS = 10
 # fills (gin/sudoku/prism_kuniform.gin); the k = 4 recipe trained twice as long (the step-1800
 # checkpoint of `--resume`d runs/prism, not shipped); Algorithm 3 with the MDM's own signals instead
 # of a head (which part of the gain is the schedule)
-KUNI, LONG = "gin/sudoku/prism_kuniform.safetensors", "runs/prism_long/checkpoints/step_00001800/weights.safetensors"
+KUNI, LONG = "weights/sudoku/prism_kuniform.safetensors", "runs/prism_long/checkpoints/step_00001800/weights.safetensors"
 ALG3 = ("gin/sudoku/mdm.gin", "gin/samplers/prism.gin", MDM)  # Algorithm 3 on the MDM, no head
 PK = ("gin/sudoku/prism.gin", "gin/samplers/prism.gin", KUNI)  # Algorithm 3 with the k-uniform head
 CONFIDENT = "samplers.prism.unmask_rule = @unmask_rules.confidence()"

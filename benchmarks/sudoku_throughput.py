@@ -17,9 +17,9 @@ sys.path.insert(0, REPO)
 import gin  # noqa: E402
 import torch  # noqa: E402
 
-import run  # noqa: E402
+from prism import cli  # noqa: E402
 from prism.experiment import build_experiment  # noqa: E402
-from prism.train import TrainModule, step_generator  # noqa: E402
+from prism.training.loop import TrainModule, step_generator  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
 
 VARIANTS = [
@@ -34,7 +34,7 @@ VARIANTS = [
 
 def measure(threads, compile_, binds, batch_size, steps, warmup):
     gin.clear_config()
-    run.parse_gin(["sudoku/mdm.gin"], binds + ["tasks.sudoku.n_train_grids = 2000"])
+    cli.parse_gin(["sudoku/mdm.gin"], binds + ["tasks.sudoku.n_train_grids = 2000"])
     torch.set_num_threads(threads)
     exp = build_experiment()
     module = TrainModule(exp.model, exp.loss)

@@ -17,11 +17,11 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-import run  # noqa: E402
+from prism import cli  # noqa: E402
 from prism.experiment import build_experiment  # noqa: E402
 from prism.losses.mdm import MDLMLoss  # noqa: E402
 from prism.losses.prism import PRISMLoss  # noqa: E402
-from prism.train import step_generator  # noqa: E402
+from prism.training.loop import step_generator  # noqa: E402
 from registry import load_builtin_components  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load_builtin_components()
-    run.parse_gin(["sudoku/prism.gin"], ["experiment.init_checkpoint = None", "tasks.sudoku.n_train_grids = 2000"])
+    cli.parse_gin(["sudoku/prism.gin"], ["experiment.init_checkpoint = None", "tasks.sudoku.n_train_grids = 2000"])
     exp = build_experiment()
     model = exp.model.train()
     batches = [exp.task.train_batch(args.batch_size, step_generator(0, i)) for i in range(args.steps + args.warmup)]

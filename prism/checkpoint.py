@@ -15,9 +15,8 @@ which parameters a name pattern means.
 - **Writing** (``save_weights``, ``save_adapter``): atomic (a temporary file, then ``os.replace``),
   each tied tensor once, an optional dtype, optionally only the names matching some patterns (an
   adapter file, loaded back onto base weights from elsewhere by ``load_adapter``).
-- **Runs**: ``list_checkpoints``, the weights part of a training checkpoint
-  (``write_checkpoint_weights``, collective), ``load_ema``, ``load_latest`` (sample / eval) and
-  ``copy_weights`` (``prism.export``).
+- **Copying** (``copy_weights``, ``prism.export``). A training run's directory and its checkpoints:
+  ``prism.training.checkpoints``.
 """
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ from safetensors.torch import save_file
 
 from prism.safetensors_stream import iter_tensors
 
-CKPT_PREFIX = "step_"
 WEIGHTS = "weights.safetensors"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -292,80 +290,3 @@ def copy_weights(src: str, out: str, *, only: Optional[Patterns] = None, dtype=N
                     tensors[key] = _cast(f.get_tensor(key), as_dtype(dtype))
     only = [only] if isinstance(only, str) else only
     write_safetensors(tensors, out, {ADAPTER_KEY: json.dumps(list(only))} if only is not None else file_metadata(src))
-
-
-# ------------------------------------------------------------------------------ training runs
-def list_checkpoints(output_dir: str) -> List[str]:
-    """Complete checkpoints (directories with trainer_state.json), oldest first."""
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith(CKPT_PREFIX) and os.path.exists(os.path.join(path, "trainer_state.json")):
-            found.append((int(name[len(CKPT_PREFIX):]), path))
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_dirs(output_dir: str, step: int) -> Tuple[str, str]:
-    """(temporary, final) directory of the checkpoint at ``step``."""
-    root = os.path.join(output_dir, "checkpoints")
-    return os.path.join(root, f".tmp-{CKPT_PREFIX}{step:08d}"), os.path.join(root, f"{CKPT_PREFIX}{step:08d}")
-
-
-def commit_checkpoint(tmp: str, final: str, output_dir: str, keep: int) -> None:
-    """Rename a finished checkpoint into place, then drop all but the newest ``keep`` (main process)."""
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_checkpoint_weights(accelerator, module: torch.nn.Module, model: torch.nn.Module, ema, directory: str, *,
-                             dtype=None, only: Optional[Patterns] = None) -> None:
-    """``weights.safetensors`` (the EMA values when the run keeps an EMA) and each rank's EMA file into
-    ``directory``. Every rank must call it: gathering sharded weights and averages is collective.
-    ``module`` is the prepared training module (its ``model.`` entries are the weights)."""
-    from prism.distributed import canonical_name, weights_sharded
-
-    # the whole model on the main process: collective where weights are sharded, else the main process's own
-    state = accelerator.get_state_dict(module) if weights_sharded(accelerator) or accelerator.is_main_process else None
-    shadow = ema.full_shadow(accelerator) if ema is not None else None  # collective under FSDP2
-    if ema is not None:
-        ema.save(directory, accelerator)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        weights = {}
-        for k, v in state.items():
-            k = canonical_name(k)  # without torch.compile's or activation checkpointing's wrapper names
-            if k.startswith("model."):
-                weights[k[len("model."):]] = v
-        if ema is not None:
-            weights = ema.weights(weights, parameter_aliases(model), shadow)
-        save_weights(weights, model, os.path.join(directory, WEIGHTS), dtype=dtype, only=only)
-
-
-def load_ema(ema, ckpt: str, accelerator) -> None:
-    """Restore the EMA of a checkpoint (each rank its file; also checkpoints written before EMA files)."""
-    from prism.distributed import EMA
-
-    legacy = os.path.join(ckpt, "custom_checkpoint_0.pkl")
-    if not os.path.exists(os.path.join(ckpt, EMA.FILE.format(rank=0))) and os.path.exists(legacy):
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
-        ema.decay, ema.updates = state["decay"], state.get("updates", 10**9)
-        for k, v in state["shadow"].items():
-            ema.shadow[k].copy_(v)
-        return
-    ema.load(ckpt, accelerator)
-
-
-def load_latest(model: torch.nn.Module, output_dir: str) -> Optional[str]:
-    """Load the weights of a run's latest checkpoint (an adapter-only one onto the model's current
-    weights); returns its directory, or None when the run has none."""
-    ckpts = list_checkpoints(output_dir)
-    if not ckpts:
-        return None
-    adapter = ADAPTER_KEY in file_metadata(resolve_weights_path(ckpts[-1]))
-    load_weights(model, ckpts[-1], adapter=adapter)
-    return ckpts[-1]

@@ -9,7 +9,7 @@ import gin
 import torch
 
 # save_weights is re-exported for callers that import it from here (tests/test_prism.py, tests/test_main_job.py)
-from prism.checkpoint import as_dtype, load_adapter, load_weights, save_weights, select  # noqa: F401
+from prism.checkpoint import as_dtype, load_weights, select
 from prism.losses.base import Loss
 from prism.model import MDM
 from tasks.base import Task
@@ -86,7 +86,9 @@ def build_experiment(
     if adapter is not None:
         adapter.apply(model)
     if init_adapter:
-        load_adapter(model, init_adapter, key_map=key_map)
+        from prism.hub_adapter import load_adapter_any
+
+        load_adapter_any(model, init_adapter, key_map=key_map)
     if trainable is not None:
         set_trainable(model, trainable)
     elif adapter is not None:
@@ -106,3 +108,17 @@ def set_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> int:
         p.requires_grad_(name in chosen)
         n_train += int(p.requires_grad)
     return n_train
+
+
+def from_gin(configs: Sequence[str], bindings: Sequence[str] = (), user_dirs: Sequence[str] = ()) -> Experiment:
+    """Build an experiment from gin files (paths, or relative to ``gin/``) and bindings, as ``run.py``
+    does but without a run directory (the library's front door: see the README's Python example)."""
+    from prism.config import parse_gin
+    from registry import import_user_dir, load_builtin_components
+
+    load_builtin_components()
+    for d in user_dirs:
+        import_user_dir(d)
+    gin.clear_config()
+    parse_gin(configs, bindings)
+    return build_experiment()

@@ -1,6 +1,6 @@
 """Export the latest (or a given) checkpoint of a training run as a standalone weights file.
 
-    python -m prism.export runs/sudoku_mdm gin/sudoku/mdm.safetensors [--step N] [--only 'head.*' ...] [--dtype bfloat16]
+    python -m prism.export runs/sudoku_mdm weights/sudoku/mdm.safetensors [--step N] [--only 'head.*' ...] [--dtype bfloat16]
     python -m prism.export runs/llada_lora out.safetensors --merge
 
 Writes OUT (the checkpoint's ``weights.safetensors``: EMA weights when the run used EMA) and
@@ -12,7 +12,11 @@ floating-point weights. ``--merge`` rebuilds the run's model from the gin config
 (its base weights from ``experiment.init_checkpoint``, its adapter), loads the checkpoint (a LoRA run's
 holds only the LoRA weights and the head) and writes full weights with every LoRA layer folded in
 (W + (alpha / rank)·B·A, ``prism.adapters.lora.merge_lora``): plain names that load into the same model
-built without ``experiment.adapter``.
+built without ``experiment.adapter``. ``--hub`` writes OUT as a folder in the Hugging Face Hub's shape
+(``prism.hub_adapter``): ``peft.PeftModel.from_pretrained`` loads it onto the released base model, the
+quality head and a model card beside; ``experiment.init_adapter = OUT`` (or its Hub id) loads it back.
+
+    python -m prism.export runs/llada_lora_prism adapters/llada-prism --hub
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import json
 import os
 import sys
 
-from prism.checkpoint import copy_weights, list_checkpoints
+from prism.checkpoint import copy_weights
+from prism.training.checkpoints import RunDir
 from prism.paths import write_text_atomic
 
 
@@ -49,30 +54,37 @@ def merge_checkpoint(run_dir: str, ckpt: str, out: str, config: str, dtype: str 
 
 
 def export(run_dir: str, out: str, step: int | None = None, only: list | None = None, dtype: str | None = None,
-           merge: bool = False) -> dict:
-    ckpts = list_checkpoints(run_dir)
+           merge: bool = False, hub: bool = False) -> dict:
+    run = RunDir(run_dir)
+    ckpts = run.checkpoints()
     if step is not None:
         ckpts = [c for c in ckpts if c.endswith(f"{step:08d}")]
     if not ckpts:
         raise SystemExit(f"no {'checkpoint at step ' + str(step) if step else 'checkpoint'} in {run_dir}/checkpoints")
     ckpt = ckpts[-1]
-    with open(os.path.join(ckpt, "trainer_state.json")) as f:
-        state = json.load(f)
-    if merge and only:
-        raise SystemExit("--merge writes full weights; it does not go with --only")
+    state = run.state(ckpt)
+    if (merge or hub) and only or (merge and hub):
+        raise SystemExit("--merge (full weights) and --hub (a peft adapter folder) go with neither each other nor --only")
     meta = {"source": os.path.relpath(ckpt), **state,
             **{k: v for k, v in (("only", only), ("dtype", dtype), ("merged", merge)) if v}}
-    for name in ("train_run_info.json",):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                meta["run_info"] = json.load(f)
+    if os.path.exists(run.run_info("train")):
+        with open(run.run_info("train")) as f:
+            meta["run_info"] = json.load(f)
     # the operative config is written when a training command ends; a run stopped from outside
     # (or still going) has only the full parsed config written at its start
-    for key, name in (("operative_config", "train_operative_config.gin"), ("config", "train_config.gin")):
-        if os.path.exists(os.path.join(run_dir, name)):
-            with open(os.path.join(run_dir, name)) as f:
+    for key, path in (("operative_config", run.config("train", operative=True)), ("config", run.config("train"))):
+        if os.path.exists(path):
+            with open(path) as f:
                 meta[key] = f.read()
+    if hub:
+        if "config" not in meta:
+            raise SystemExit(f"--hub needs the run's gin config ({run_dir}/train_config.gin) for the LoRA settings")
+        from prism.hub_adapter import settings_from_config, write_hub_folder
+
+        s = settings_from_config(meta["config"])
+        write_hub_folder(os.path.join(ckpt, "weights.safetensors"), out, s["lora"], s["backbone"], s["base_model"],
+                         meta.get("operative_config", meta["config"]), meta)
+        return meta
     if merge:
         if "config" not in meta:
             raise SystemExit(f"--merge needs the run's gin config ({run_dir}/train_config.gin) to rebuild its model")
@@ -92,8 +104,10 @@ def main(argv=None):
     p.add_argument("--only", action="append", default=None, help="a pattern of weight names to keep (repeatable)")
     p.add_argument("--dtype", default=None, help="cast floating-point weights, e.g. bfloat16")
     p.add_argument("--merge", action="store_true", help="fold a LoRA run's adapter into full weights (rebuilds its model)")
+    p.add_argument("--hub", action="store_true", help="OUT is a folder peft loads (adapter_config.json + "
+                   "adapter_model.safetensors), the quality head and a model card beside")
     args = p.parse_args(argv)
-    meta = export(args.run_dir, args.out, args.step, only=args.only, dtype=args.dtype, merge=args.merge)
+    meta = export(args.run_dir, args.out, args.step, only=args.only, dtype=args.dtype, merge=args.merge, hub=args.hub)
     print(f"exported step {meta['step']} of {args.run_dir} to {args.out}")
 
 

@@ -11,7 +11,8 @@ import gin
 import torch
 from torch import nn
 
-from prism.backbones.base import Backbone, cache_ranges
+from prism.backbones.base import Backbone
+from prism.backbones.kv_cache import cache_ranges
 
 
 @dataclass

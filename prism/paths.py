@@ -2,8 +2,11 @@
 import os
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Real data lives beside the checkout in ../shared/data and is read from there, never copied.
-DATA_ROOT = os.environ.get("PRISM_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
+# The data folder: PRISM_DATA; else ../shared/data beside the checkout where it exists (read from there,
+# never copied); else ~/.cache/prism/data, where `python -m prism.data fetch ...` writes.
+_SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
+DATA_ROOT = os.environ.get("PRISM_DATA") or (
+    _SHARED_DATA if os.path.isdir(_SHARED_DATA) else os.path.join(os.path.expanduser("~"), ".cache", "prism", "data"))
 CACHE_ROOT = os.environ.get("PRISM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prism"))
 
 

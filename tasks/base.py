@@ -1,4 +1,4 @@
-"""The task contract used by ``prism.train``, ``prism.evaluate`` and ``run.py``.
+"""The task contract used by ``prism.training.loop``, ``prism.evaluation.evaluate`` and ``run.py``.
 
 A task owns everything about the data: its tokenizer, its sequence length, which positions are
 given, how a sample reads as text, and how samples are scored. It never builds a model or a sampler.
@@ -28,7 +28,7 @@ Other keys are allowed (e.g. problem ids), as tensors or lists with B entries.
   processes are gathered in order (``records[i]`` is the i-th conditioning sequence: ``index``,
   ``tokens``, ``text`` and the sample metrics). This is where metrics of a set live (MAUVE against
   reference texts, token-weighted perplexity, pass@1 from executing programs on CPU workers, a
-  confidence interval). The default runs the task's ``corpus_scorers`` (``prism.metrics.CorpusMetric``
+  confidence interval). The default runs the task's ``corpus_scorers`` (``prism.metrics.corpus.CorpusMetric``
   objects, which load evaluator models lazily on first use), so nothing is loaded on the other
   processes or by ``sample``. A scorer may add per-sample fields to the records; they are written to
   the samples file, which is written after the corpus metrics.
@@ -47,11 +47,22 @@ class Task:
     mask_id: int
     seq_len: int  # the longest sequence (prompt + generation + padding); a gin option of each task
     tokenizer: Optional[Any] = None  # text tasks: their tokenizer (e.g. loaded lazily by a property)
-    corpus_scorers: Sequence[Any] = ()  # prism.metrics.CorpusMetric objects run by corpus_metrics
+    corpus_scorers: Sequence[Any] = ()  # prism.metrics.corpus.CorpusMetric objects run by corpus_metrics
 
     def prepare(self) -> None:
         """Load or generate what the task needs (run on the main process first, then the others,
         so a cache is written once)."""
+
+    def data_files(self) -> List[str]:
+        """The files this task will read from the data folder (none by default); ``check_data`` is
+        called by ``run.py`` before any model is built."""
+        return []
+
+    def check_data(self) -> None:
+        """Raise ``prism.data.MissingData``, naming the fetch command, if a file of ``data_files`` is missing."""
+        from prism.data import require
+
+        require(self.data_files(), type(self).__name__)
 
     def check_scoring(self) -> None:
         """Raise, with what to do about it, if this task's metrics cannot be computed here (e.g. MBPP
@@ -94,18 +105,12 @@ class Task:
 
     def sample_metrics(self, samples: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Per-sample metric values (each a (B,) float tensor) for generated ``samples`` (B, L)."""
-        if type(self).metrics is not Task.metrics:  # a task written against the old name
-            return self.metrics(samples, batch)
         raise NotImplementedError
-
-    def metrics(self, samples: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The old name of ``sample_metrics``, kept for existing callers."""
-        return self.sample_metrics(samples, batch)
 
     def corpus_metrics(self, records: List[dict]) -> Dict[str, float]:
         """Metrics of the whole set of samples (every process's, in order), computed once on the
         main process. The default merges the results of ``corpus_scorers``."""
-        from prism.metrics import run_scorers
+        from prism.metrics.corpus import run_scorers
 
         return run_scorers(self.corpus_scorers, records, type(self).__name__)
 

@@ -1,5 +1,5 @@
 """What the code-generation tasks (``tasks.mbpp``, ``tasks.humaneval``) share: prompt batches, decoding,
-and execution-based scoring with the sandboxed executor (``prism.execution``).
+and execution-based scoring with the sandboxed executor (``prism.sandbox.executor``).
 
 **Batches** (evaluation only): the prompt LEFT-padded with EOS (fixed, ``attention_mask`` False) +
 ``gen_length`` masks; sequence ``i`` is problem ``i // samples_per_problem``. A prompt longer than
@@ -10,7 +10,7 @@ white space before the first EOS / end of turn) and ``hit_gen_length`` (no EOS /
 ``gen_length`` generated tokens: the answer may be cut off).
 
 **Scoring** (``corpus_metrics``, main process): every program runs against its tests in
-``prism.execution.run_many`` (``workers``; ``timeout`` 3 s as HF ``code_eval``; ``memory_mb`` and
+``prism.sandbox.executor.run_many`` (``workers``; ``timeout`` 3 s as HF ``code_eval``; ``memory_mb`` and
 ``max_processes`` for the whole job; ``isolation`` / ``allow_weaker_isolation``); returns ``pass@1``
 (mean over problems of the passing fraction), the unbiased ``pass@k`` for each ``k`` the samples
 allow, ``n_problems``, and the rate of each status (``exec_failed``, ``exec_error``, ``exec_limit``,
@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from prism.passk import pass_at_ks
+from prism.metrics.passk import pass_at_ks
 from tasks.base import Task
 from tasks.tokenizers import TokenizerMixin
 
@@ -106,10 +106,10 @@ class CodeTask(TokenizerMixin, Task):
 
     def check_scoring(self) -> None:
         """Raise before any sampling if programs are to be run (``execute``) without the opt-in, or
-        without the isolation asked for (``prism.sandbox_host.resolve_isolation``)."""
+        without the isolation asked for (``prism.sandbox.host.resolve_isolation``)."""
         if not self.execute:
             return
-        from prism.execution import ExecutionNotAllowed, IsolationUnavailable, check_execution_allowed, resolve_isolation
+        from prism.sandbox.executor import ExecutionNotAllowed, IsolationUnavailable, check_execution_allowed, resolve_isolation
 
         try:
             check_execution_allowed(self.allow_execution)
@@ -186,7 +186,7 @@ class CodeTask(TokenizerMixin, Task):
         """Run each record's program on its problem's tests; add the per-sample results to the
         records (and the audit file ``results_file``); return pass@1, pass@k, ``n_problems`` and
         the rate of each status."""
-        from prism.execution import results_to_jsonl, run_many
+        from prism.sandbox.executor import results_to_jsonl, run_many
 
         programs = [self.extract(r.get("text", "")) for r in records]
         todo = [i for i, p in enumerate(programs) if p]

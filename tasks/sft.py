@@ -39,8 +39,7 @@ import torch
 import prism.paths as paths
 from registry import TASKS
 from tasks.base import Task
-from tasks.sft_data import (  # noqa: F401  (re-exported: tasks.sft.mbpp_instruction, ...)
-    LOCAL_FORMATS, MBPP_SPLITS, MBPP_TEST, describe_source, load_mbpp, load_source, mbpp_instruction)
+from tasks.sft_data import describe_source, load_source
 from tasks.tokenizers import TokenizerMixin
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from prism.metrics import BinomialInterval, CorpusMetric
+from prism.metrics.corpus import BinomialInterval, CorpusMetric
 from prism.paths import CACHE_ROOT, DATA_ROOT
 from registry import TASKS
 from tasks.base import Task
@@ -248,6 +248,9 @@ class Sudoku(Task):
 
     def prepare(self) -> None:
         self.train_grids  # noqa: B018 - generate or load the cached grids
+
+    def data_files(self) -> List[str]:
+        return [os.path.join(self.data_dir, self.eval_file)]  # training draws generated grids
 
     def train_batch(self, batch_size: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         grids = self.train_grids

@@ -232,6 +232,14 @@ class TextTask(Task):
             return [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
         return ["hub", self.source, self.subset, self.split]
 
+    def data_files(self) -> List[str]:
+        """The GPT-2 files of the default tokenizer, and the Wikipedia files while they are not cached."""
+        gpt2 = os.path.join(paths.DATA_ROOT, "tokenizers", "gpt2")
+        files = [os.path.join(gpt2, "vocab.json"), os.path.join(gpt2, "merges.txt")] if self.tokenizer_spec is None else []
+        if self.source == WIKI_SOURCE and not os.path.exists(os.path.join(wiki_dir(), "SHA256SUMS")):
+            files.append(os.path.join(wiki_dir(), "SHA256SUMS"))
+        return files
+
     def cache_key(self) -> str:
         if self._key is None:
             tok = self.tokenizer

@@ -177,6 +177,14 @@ class TokenizerMixin:
 
     task_name = "task"
 
+    def data_files(self) -> List[str]:
+        """The GPT-2 files ``'gpt2-chat'`` is built from, while it is not built in the cache yet."""
+        if self.tokenizer_spec == CHAT_SPEC and self._tokenizer is None and \
+                _recipe_version(os.path.join(self.cache_root, "tokenizers", CHAT_SPEC)) != RECIPE_VERSION:
+            base = os.path.join(paths.DATA_ROOT, "tokenizers", "gpt2")
+            return [os.path.join(base, "vocab.json"), os.path.join(base, "merges.txt")]
+        return []
+
     def required_special(self) -> Tuple[str, ...]:
         return ("mask", "eos")
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from prism import checkpoint
 from prism.backbones.dit import DiT
-from prism.checkpoint import (copy_weights, list_checkpoints, load_adapter, load_latest, load_weights, matches,
+from prism.training.checkpoints import list_checkpoints, load_latest
+from prism.checkpoint import (copy_weights, load_adapter, load_weights, matches,
                               save_adapter, save_weights, select)
 from prism.experiment import set_trainable
 from prism.heads.quality import LinearHead
@@ -205,12 +206,12 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, existing):
 def test_gin_binds_key_map_and_dtype(tmp_path, tiny_gin):
     import gin
 
-    import run
+    from prism import cli
     from prism.experiment import build_experiment
 
     def build(*binds):
         try:
-            run.parse_gin([tiny_gin], ["tasks.sudoku.n_train_grids = 8", *binds])
+            cli.parse_gin([tiny_gin], ["tasks.sudoku.n_train_grids = 8", *binds])
             return build_experiment().model
         finally:
             gin.clear_config()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CPU_PROCESSES_ENV, TORCHRUN, run_py
-from prism.distributed import EMA, as_scalar, canonical_name, layout, parameter_probe, weights_sharded
+from prism.training.distributed import EMA, as_scalar, canonical_name, layout, parameter_probe, weights_sharded
 
 EMA_BINDS = ["--bind", "train.batch_size = 4", "--bind", "train.steps = 4", "--bind", "train.log_every = 1",
              "--bind", "train.save_every = 2", "--bind", "train.ema_decay = 0.9", "--bind", "train.lr_schedule = 'cosine'",
@@ -84,7 +84,7 @@ def test_layouts_and_where_the_ema_can_follow(acc, name, sharded, ema):
 
 
 def test_ema_is_refused_with_a_clear_message_where_it_cannot_follow_the_weights(tiny_gin):
-    from prism.train import train
+    from prism.training.loop import train
 
     exp = SimpleNamespace(loss=object(), model=None)
     with pytest.raises(ValueError, match=r"ema_decay = 0.9 is not supported under zero3.*set train.ema_decay = 0.0"):
@@ -113,7 +113,7 @@ def test_parameter_probe_sees_a_changed_element_and_nan_without_copying_to_float
 def test_parameter_probe_in_slices_and_only_what_trains(monkeypatch):
     """The probe sums slices (a sum with dtype= widens its whole input: 2 GB for LLaDA-8B's bf16 output
     layer), with the same totals; the checks at checkpoints look only at what trains."""
-    import prism.distributed as dist
+    import prism.training.distributed as dist
 
     p = torch.arange(40, dtype=torch.bfloat16)
     whole = parameter_probe([p], torch.device("cpu"))

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import run
+from prism import cli
 from conftest import CPU_PROCESSES_ENV, TORCHRUN, run_py
-from prism.evaluate import generate_and_score
-from prism.metrics import BinomialInterval, CorpusMetric, wilson_interval
+from prism.evaluation.evaluate import generate_and_score
+from prism.metrics.corpus import BinomialInterval, CorpusMetric, wilson_interval
 from prism.samplers import mdlm_sampler
 from registry import TASKS
 from tasks.base import Task
@@ -117,10 +117,10 @@ def test_check_batch_refuses_what_breaks_the_contract():
 
 def test_sudoku_seq_len_is_gin_config_and_checked(tiny_gin):
     try:
-        run.parse_gin([tiny_gin], [])
+        cli.parse_gin([tiny_gin], [])
         assert TASKS.build("sudoku").seq_len == 89
         gin.clear_config()
-        run.parse_gin([tiny_gin], ["SEQ_LEN = 90"])  # base.gin binds tasks.sudoku.seq_len = %SEQ_LEN
+        cli.parse_gin([tiny_gin], ["SEQ_LEN = 90"])  # base.gin binds tasks.sudoku.seq_len = %SEQ_LEN
         with pytest.raises(ValueError, match="tasks.sudoku.seq_len = 90: a Sudoku sequence is 89 tokens"):
             TASKS.build("sudoku")
     finally:
@@ -153,16 +153,9 @@ def test_base_decode_uses_the_tokenizer():
     assert Task.decode(task, torch.tensor([3, 1, 4])) == "dbe"
 
 
-def test_metrics_is_an_alias_of_sample_metrics_both_ways():
-    class OldStyle(ToyText):  # a task written against the old name
-        sample_metrics = Task.sample_metrics
-
-        def metrics(self, samples, batch):
-            return {"old": torch.ones(len(samples))}
-
+def test_sample_metrics_must_be_defined():
     batch = next(ToyText().eval_batches(2))
-    assert OldStyle().sample_metrics(batch["input_ids"], batch)["old"].tolist() == [1.0, 1.0]
-    assert ToyText().metrics(batch["input_ids"], batch)["ones"].shape == (2,)
+    assert ToyText().sample_metrics(batch["input_ids"], batch)["ones"].shape == (2,)
     with pytest.raises(NotImplementedError):
         Task().sample_metrics(batch["input_ids"], batch)
 
@@ -257,7 +250,7 @@ def test_evaluate_refuses_a_corpus_metric_named_like_a_mean(tmp_path):
 PROBE = '''
 import json, os
 import gin
-from prism.metrics import CorpusMetric
+from prism.metrics.corpus import CorpusMetric
 from prism.samplers import mdlm_sampler
 from registry import SAMPLERS
 

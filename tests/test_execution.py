@@ -1,4 +1,4 @@
-"""Tests for prism.execution: correctness of pass/fail plus a hostile-program suite.
+"""Tests for prism.sandbox.executor: correctness of pass/fail plus a hostile-program suite.
 
 Every hostile program is written so that, even if the sandbox failed, it could only
 touch canaries under pytest's tmp_path: destructive ones target explicit canary paths,
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from prism import execution as ex
-from prism.execution import ExecutionNotAllowed, check_execution_allowed, run_many, run_program
+from prism.sandbox import executor as ex
+from prism.sandbox.executor import ExecutionNotAllowed, check_execution_allowed, run_many, run_program
 
 INFO = ex.sandbox_info()
 MARK = "prismsuite" + secrets.token_hex(6)          # unique to this test session

@@ -155,11 +155,11 @@ def test_missing_evaluation_data_is_found_before_training(tiny_gin, tmp_path):
 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch, tmp_path):
-    import run
+    from prism import cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     with pytest.raises(SystemExit, match=r"2 processes per machine were asked for, but this machine has 1 visible GPU"):
-        run.make_accelerator({"mixed_precision": "no", "log_with": None}, str(tmp_path))
+        cli.make_accelerator({"mixed_precision": "no", "log_with": None}, str(tmp_path))

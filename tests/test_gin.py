@@ -43,10 +43,11 @@ def test_composition_include_chain_and_macros(tmp_path):
     macros reach the components, and a run file can override them; works from any directory."""
     code = f"""
 import sys; sys.path.insert(0, {REPO!r})
-import run, gin
+import gin
+from prism import cli
 from registry import load_builtin_components
 load_builtin_components()
-run.parse_gin(['sudoku/quickstart_finetune.gin'], ['STEPS = 77'])
+cli.parse_gin(['sudoku/quickstart_finetune.gin'], ['STEPS = 77'])
 print(gin.query_parameter('samplers.mdlm.steps'), gin.query_parameter('%STEPS'),
       gin.query_parameter('backbones.dit.preset'), gin.query_parameter('%DIT_PRESET'),
       gin.query_parameter('train.steps'), gin.query_parameter('train.batch_size'))

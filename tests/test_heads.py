@@ -4,7 +4,7 @@ import gin
 import pytest
 import torch
 
-import run
+from prism import cli
 from prism.backbones.dit import DiT
 from prism.heads.quality import AttentionHead, attention_head_choices, default_attention_heads
 from prism.model import MDM
@@ -26,7 +26,7 @@ def test_attention_head_on_the_sudoku_base_gin():
     """``models.mdm.head = @heads.attention`` on gin/sudoku/base.gin (the 128-wide ``cpu`` DiT, whose
     width the old default of 12 heads did not divide) builds and runs."""
     try:
-        run.parse_gin(["sudoku/base.gin"], ["models.mdm.head = @heads.attention"])
+        cli.parse_gin(["sudoku/base.gin"], ["models.mdm.head = @heads.attention"])
         model = MDM()
     finally:
         gin.clear_config()

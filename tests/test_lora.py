@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from prism.adapters import has_adapter, parameter_counts, parameter_report
 from prism.adapters.lora import LoRA, lora_parameter_names, merge_lora, merged_state_dict
 from prism.backbones.dit import DiT
-from prism.checkpoint import ADAPTER_KEY, load_adapter, load_latest, load_weights, save_adapter, save_weights
-from prism.train import resume_load_kwargs, weights_to_save
+from prism.checkpoint import ADAPTER_KEY, load_adapter, load_weights, save_adapter, save_weights
+from prism.training.checkpoints import load_latest, resume_load_kwargs, weights_to_save
 from prism.experiment import build_experiment
 from prism.heads.quality import LinearHead
 from prism.model import MDM
@@ -238,10 +238,10 @@ models.mdm.head = @heads.linear
 
 
 def test_gin_composition_builds_a_lora_experiment(tiny_gin):
-    import run
+    from prism import cli
 
     try:
-        run.parse_gin([tiny_gin], [line for line in LORA_GIN.strip().splitlines()])
+        cli.parse_gin([tiny_gin], [line for line in LORA_GIN.strip().splitlines()])
         exp = build_experiment()
         assert has_adapter(exp.model)
         train = {n for n, p in exp.model.named_parameters() if p.requires_grad}

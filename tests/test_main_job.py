@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import run
+from prism import cli
 from conftest import CPU_PROCESSES_ENV, TINY_GIN, TORCHRUN, run_py
-from prism.compare import _row_sample, compare_rows, describe_sampler
-from prism.experiment import build_experiment, save_weights
+from prism.evaluation.compare import _row_sample, compare_rows, describe_sampler
+from prism.checkpoint import save_weights
+from prism.experiment import build_experiment
 from tasks.sudoku import CELL_POSITIONS, generate_solved_grids, grids_to_tokens
 from tasks.sudoku_plots import cell_errors, save_quality_board
 
@@ -47,7 +48,7 @@ def write_head_checkpoint(tmp_path, tiny_gin) -> str:
     """Weights of the tiny model with a linear head, drawn from seed 123 (not the run's seed 0) and
     with a non-zero head (a fresh head is zero-initialised), so that a row that loads them is told apart."""
     try:
-        run.parse_gin([tiny_gin], ["models.mdm.head = @heads.linear"])
+        cli.parse_gin([tiny_gin], ["models.mdm.head = @heads.linear"])
         torch.manual_seed(123)
         model = build_experiment().model
     finally:
@@ -77,9 +78,9 @@ def test_each_row_builds_its_own_experiment_in_its_scope(rows_gin, monkeypatch):
         seen[tag] = exp
         return {"success": 0.0}
 
-    monkeypatch.setattr("prism.compare.generate_and_score", fake_generate_and_score)
+    monkeypatch.setattr("prism.evaluation.compare.generate_and_score", fake_generate_and_score)
     try:
-        run.parse_gin([gin_path], [])
+        cli.parse_gin([gin_path], [])
         table = compare_rows(StubAccelerator(), None, picture=None)
         operative = gin.operative_config_str()
     finally:
@@ -155,21 +156,21 @@ def test_shipped_quickstart_rows_are_the_readme_experiments(monkeypatch):
         seen[tag] = exp
         return {}
 
-    monkeypatch.setattr("prism.compare.generate_and_score", fake_generate_and_score)
+    monkeypatch.setattr("prism.evaluation.compare.generate_and_score", fake_generate_and_score)
     try:
-        run.parse_gin(["sudoku/quickstart.gin"], [])
+        cli.parse_gin(["sudoku/quickstart.gin"], [])
         table = compare_rows(StubAccelerator(), None, picture=None)
         limit = gin.query_parameter("evaluate.limit")
     finally:
         gin.clear_config()
     assert limit == 250
     assert [(r["row"], r["weights"], r["head"], r["sampler"]) for r in table] == [
-        ("vanilla", "gin/sudoku/mdm.safetensors", "-", "mdlm T=51, unmask random"),
-        ("remdm_conf", "gin/sudoku/mdm.safetensors", "-", "remdm conf T=51, unmask random"),
-        ("prism", "gin/sudoku/prism_kuniform.safetensors", "linear", "prism K=4 T=51, unmask random, remask prism"),
-        ("prism/confident", "gin/sudoku/prism_kuniform.safetensors", "linear",
+        ("vanilla", "weights/sudoku/mdm.safetensors", "-", "mdlm T=51, unmask random"),
+        ("remdm_conf", "weights/sudoku/mdm.safetensors", "-", "remdm conf T=51, unmask random"),
+        ("prism", "weights/sudoku/prism_kuniform.safetensors", "linear", "prism K=4 T=51, unmask random, remask prism"),
+        ("prism/confident", "weights/sudoku/prism_kuniform.safetensors", "linear",
          "prism K=4 T=51, unmask confidence, remask prism")]
-    shipped = load_file(os.path.join(run.REPO_ROOT, "gin/sudoku/prism_kuniform.safetensors"))
+    shipped = load_file(os.path.join(cli.REPO_ROOT, "weights/sudoku/prism_kuniform.safetensors"))
     head = {k: v for k, v in seen["_prism"].model.state_dict().items() if k.startswith("head.")}
     assert head and all(torch.equal(v, shipped[k]) for k, v in head.items())
 
@@ -197,7 +198,7 @@ def test_cell_errors_finds_exactly_the_repeated_digits():
 
 def test_quality_board_png(tmp_path, tiny_gin):
     try:
-        run.parse_gin([tiny_gin], ["models.mdm.head = @heads.linear"])
+        cli.parse_gin([tiny_gin], ["models.mdm.head = @heads.linear"])
         model = build_experiment().model.eval()
     finally:
         gin.clear_config()

@@ -1,5 +1,5 @@
 """tasks.mbpp (splits, prompt styles, extraction, batches, execution-based scoring, the oracle) and
-prism.passk. Programs run through prism.execution with the opt-in given by the ``allowed`` fixture;
+prism.metrics.passk. Programs run through prism.sandbox.executor with the opt-in given by the ``allowed`` fixture;
 the all-974 oracle is marked slow."""
 import json
 import math
@@ -8,12 +8,11 @@ import time
 import pytest
 import torch
 
-from prism.passk import mean_pass_at_k, pass_at_k, pass_at_ks
+from prism.metrics.passk import mean_pass_at_k, pass_at_k, pass_at_ks
 from registry import TASKS
-from tasks.mbpp import (
-    FEWSHOT_IDS, MBPP, PRISM_INSTRUCTION, SPLIT_SIZES, STYLES, extract_program, function_name, load_problems,
-    oracle_metrics, oracle_records, reference_answer, check_code,
-)
+from tasks.mbpp import MBPP, SPLIT_SIZES, load_problems, oracle_metrics, oracle_records
+from tasks.mbpp_code import (FEWSHOT_IDS, PRISM_INSTRUCTION, STYLES, check_code, extract_program, function_name,
+                             reference_answer)
 from tasks.tokenizers import chat_tokenizer_dir
 
 ENV = "PRISM_ALLOW_CODE_EXECUTION"
@@ -163,7 +162,7 @@ def test_pass_at_k_hand_computed():
 
 # ----------------------------------------------------------------------------- opt-in
 def test_execution_needs_opt_in(cache, not_allowed):
-    from prism.execution import ExecutionNotAllowed
+    from prism.sandbox.executor import ExecutionNotAllowed
 
     task = make(cache, split="prompt")
     task.prepare()  # generating (run.py sample) needs no opt-in

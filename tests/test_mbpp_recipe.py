@@ -50,11 +50,11 @@ def test_the_headline_composition_builds_on_the_meta_device():
     and the task's options as the paper's Table 1 runs them."""
     import gin
 
-    import run
+    from prism import cli
 
     gin.clear_config()
     try:
-        run.parse_gin(["gin/mbpp/llada_lora_prism_semiar.gin"], [
+        cli.parse_gin(["gin/mbpp/llada_lora_prism_semiar.gin"], [
             "backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'",
             "backbones.llada.device = 'meta'"])
         model = gin.get_configurable("models.mdm")()

@@ -235,12 +235,12 @@ def test_a_ckpt_with_omegaconf_objects_converts_without_omegaconf(tmp_path, monk
 def test_gin_routes_for_the_hf_layout(tmp_path, tiny_gin):
     import gin
 
-    import run
+    from prism import cli
     from prism.experiment import build_experiment
 
     def build(*binds):
         try:
-            run.parse_gin([tiny_gin], ["tasks.sudoku.n_train_grids = 8", "backbones.dit.position_groups = None",
+            cli.parse_gin([tiny_gin], ["tasks.sudoku.n_train_grids = 8", "backbones.dit.position_groups = None",
                                        "backbones.dit.group_attention = False", *binds])
             return build_experiment().model
         finally:
@@ -302,7 +302,7 @@ def test_the_documented_key_map_loads_an_mdlm_file_strictly(tmp_path):
     path = tmp_path / "model.safetensors"
     save_mdlm_hf(raw, str(path))
     assert "backbone.rotary_emb.inv_freq" in load_file(str(path))
-    block = documented_key_map_block(os.path.join(conftest.REPO, "README.md"))
+    block = documented_key_map_block(os.path.join(conftest.REPO, "docs", "configuration.md"))
     binds = [line.split("#")[0] for line in block.splitlines() if line.startswith(("experiment.key_map", " "))]
     gin.clear_config()
     try:

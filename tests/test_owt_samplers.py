@@ -89,37 +89,30 @@ def test_draw_probabilities_after_the_nucleus(draw):
 # ---- ReMDM-conf: the stored confidence is after the nucleus -----------------------------------
 
 def test_remdm_conf_stores_the_probability_after_the_nucleus():
+    """ReMDM-conf remasks by the probability each token had under the law it was drawn from (after the
+    nucleus filter): one step of the real loop, then the next plan's σ weights by hand."""
+    from prism.samplers.loop import SamplerState
+    from prism.samplers.schedules import StepPlan
+
     lp = torch.tensor([float("-inf"), math.log(0.5), math.log(0.3), math.log(0.2)], dtype=torch.float64)
     log_probs = lp.expand(1, 4, 4)  # mask id 0; tokens 1, 2, 3 with .5, .3, .2
     for after in (True, False):
         sampler = remdm_sampler(steps=4, strategy="conf", eps=0.0, top_p=0.85, conf_after_nucleus=after)
-        state = SimpleNamespace(z=torch.zeros(1, 4, dtype=torch.long),
-                                confidence=torch.full((1, 4), math.nan, dtype=torch.float64))
-        state.clean = state.z != 0
+        state = SamplerState(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool), 0, None)
+        state.draw_probs_kept = bool(sampler.draw.keep_probs)
         plans = sampler.schedule.plans(state)
         next(plans)  # step 0 from the all-masked state
-        tokens = sampler.draw(log_probs, torch.Generator().manual_seed(1), positions=torch.ones(1, 4, dtype=torch.bool),
-                              fill=state.z)
-        state.z = torch.where(torch.tensor([[True, True, False, False]]), tokens, state.z)  # two unmasked
-        state.clean = state.z != 0
-        state.confidence = torch.where(state.clean, lp.exp()[state.z], torch.tensor(math.nan, dtype=torch.float64))
+        two = StepPlan(1.0, 0.75, n_unmask=torch.tensor([2]))  # the loop's step: unmask two positions
+        new_z, unmask, _, _ = sampler.step(None, state, SimpleNamespace(log_probs=log_probs), two, 0, 4,
+                                           torch.Generator().manual_seed(1))
+        state.z = new_z
         plan = next(plans)  # step 1: t = .75 → s = .5, σ_max = min(1, .5/.25) = 1
-        p_model = lp.exp()[state.z[0, :2]]
+        kept = state.z[0][unmask[0]]
+        assert set(kept.tolist()) <= {1, 2}  # token 3 is outside the nucleus
+        p_model = lp.exp()[kept]
         conf = p_model / 0.8 if after else p_model  # renormalised over the kept {.5, .3}, or before
-        assert set(state.z[0, :2].tolist()) <= {1, 2}  # token 3 is outside the nucleus
         w = torch.softmax(-conf, 0) * 1.0
-        assert torch.allclose(plan.p_remask[0, :2], w) and (plan.p_remask[0, 2:] == 0).all(), after
-    # the hand case: tokens 1 and 2 unmasked store .625 and .375 (not .5 and .3)
-    sched = ReMDMSchedule(4, "conf", eps=0.0, draw=CategoricalDraw(top_p=0.85, keep_probs=True))
-    state = SimpleNamespace(z=torch.zeros(1, 3, dtype=torch.long), confidence=None)
-    state.clean = state.z != 0
-    plans = sched.plans(state)
-    next(plans)
-    sched.draw.token_probs = torch.tensor([[0.625, 0.375, math.nan]], dtype=torch.float64)
-    state.z = torch.tensor([[1, 2, 0]])
-    state.clean = state.z != 0
-    plan = next(plans)
-    assert torch.allclose(plan.p_remask[0, :2], torch.softmax(torch.tensor([-0.625, -0.375], dtype=torch.float64), 0))
+        assert torch.allclose(plan.p_remask[0][unmask[0]], w) and (plan.p_remask[0][~unmask[0]] == 0).all(), after
 
 
 def test_remdm_conf_runs_end_to_end():

@@ -31,7 +31,7 @@ def load_script():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(directory, bindings): random base weights and a head-only PRISM file for the test DiT."""
-    import run
+    from prism import cli
     from prism.checkpoint import save_weights
     from prism.experiment import build_experiment
 
@@ -40,11 +40,11 @@ def tiny(tmp_path_factory):
              "DIT_PRESET = 'test'"]
     try:
         gin.clear_config()
-        run.parse_gin(["gin/owt/small_cpu.gin"], binds)
+        cli.parse_gin(["gin/owt/small_cpu.gin"], binds)
         model = build_experiment().model
         save_weights(model.state_dict(), model, str(d / "mdm.safetensors"))
         gin.clear_config()
-        run.parse_gin(["gin/owt/prism_cpu.gin"], binds + [f"experiment.init_checkpoint = '{d / 'mdm.safetensors'}'",
+        cli.parse_gin(["gin/owt/prism_cpu.gin"], binds + [f"experiment.init_checkpoint = '{d / 'mdm.safetensors'}'",
                                                           "experiment.loss = None"])
         model = build_experiment().model
         save_weights(model.state_dict(), model, str(d / "head.safetensors"), only=["head.*"])
@@ -114,11 +114,11 @@ def test_full_scale_owt_configs_compose():
     gin/owt/prism_mdlm_owt.gin (Table 3's OWT fine-tune) parse and build the paper's model sizes."""
     import gin
 
-    import run
+    from prism import cli
 
     gin.clear_config()
     try:
-        run.parse_gin(["gin/owt/prism_mdlm_owt.gin", "gin/samplers/prism_owt.gin"], ["STEPS = 128"])
+        cli.parse_gin(["gin/owt/prism_mdlm_owt.gin", "gin/samplers/prism_owt.gin"], ["STEPS = 128"])
         assert gin.query_parameter("tasks.text.source") == "openwebtext"
         assert gin.query_parameter("tasks.text.n_eval") == 5000
         assert gin.query_parameter("metrics.gen_ppl.judge") == "gpt2-large"

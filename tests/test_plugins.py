@@ -1,5 +1,5 @@
-"""The README's plugin example, written out of the README into a folder outside the repository and
-run exactly as the README says (with --user-dir, and with a gin `import`)."""
+"""The plugin tutorial of docs/plugins.md, written out of the page into a folder outside the repository
+and run exactly as the page says (with --user-dir, and with a gin `import`)."""
 import json
 import os
 import re
@@ -8,7 +8,7 @@ from conftest import REPO, run_py
 
 
 def readme_files():
-    text = open(os.path.join(REPO, "README.md")).read()
+    text = open(os.path.join(REPO, "docs", "plugins.md")).read()
     blocks = re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", text, flags=re.S)
     assert {name for name, _ in blocks} >= {"my_plugins/__init__.py", "my_plugins/greedy.py",
                                              "my_plugins/bigru.py", "my_plugins/sudoku_bigru.gin"}

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from prism.backbones.dit import DiT
-from prism.calibration import auroc, expected_calibration_error, reliability
-from prism.experiment import load_weights, save_weights, set_trainable
+from prism.metrics.calibration import auroc, expected_calibration_error, reliability
+from prism.checkpoint import load_weights, save_weights
+from prism.experiment import set_trainable
 from prism.heads.quality import AttentionHead, LinearHead, MLPHead
 from prism.losses.prism import PRISMLoss, choose_fill_positions, fill_counts
 from prism.losses.token_critic import TokenCriticLoss
@@ -237,7 +238,7 @@ def test_init_new_and_trainable(tmp_path):
 
 
 def test_score_fills_scores_the_same_fills_with_every_signal():
-    from prism.quality_eval import collect, summarise
+    from prism.evaluation.quality import collect, summarise
 
     torch.manual_seed(0)
     model = MDM(DiT(11, 0, preset="test"), LinearHead, critic=TokenCritic(DiT(11, 0, preset="test"), LinearHead))

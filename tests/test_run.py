@@ -171,12 +171,12 @@ def test_bf16_mixed_precision_on_cpu(tiny_gin, tmp_path):
 
 
 def test_bf16_autocast_runs_the_matmuls_in_bf16(tmp_path):
-    """run.make_accelerator with mixed_precision 'bf16' on CPU: under accelerator.autocast() (where
+    """cli.make_accelerator with mixed_precision 'bf16' on CPU: under accelerator.autocast() (where
     train.py runs the loss forward) every nn.Linear of the model outputs bfloat16, outside it
     float32, and the MDLM loss is finite and differs from the fp32 one by bf16 rounding only."""
     from accelerate.state import AcceleratorState
 
-    import run
+    from prism import cli
     from prism.backbones.dit import DiT
     from prism.heads.quality import LinearHead
     from prism.losses.mdm import MDLMLoss
@@ -197,7 +197,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16(tmp_path):
     AcceleratorState._reset_state(True)  # the Accelerate state is per process: start from none
     try:
         for precision in ("bf16", "no"):
-            accelerator = run.make_accelerator({"mixed_precision": precision, "log_with": None}, str(tmp_path))
+            accelerator = cli.make_accelerator({"mixed_precision": precision, "log_with": None}, str(tmp_path))
             assert accelerator.device.type == "cpu"
             dtypes.clear()
             with accelerator.autocast():

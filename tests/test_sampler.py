@@ -6,8 +6,9 @@ import torch
 
 import prism.ops as ops
 from prism.samplers import Sampler, mdlm_sampler
-from prism.samplers.draw import GumbelDraw, gumbel_max, nucleus_filter
-from prism.samplers.rules import ConfidenceUnmask, select_top
+from prism.ops import gumbel_max, nucleus_filter, select_top
+from prism.samplers.draw import GumbelDraw
+from prism.samplers.rules import ConfidenceUnmask
 from prism.samplers.schedules import FixedCountSchedule, MDLMSchedule
 
 

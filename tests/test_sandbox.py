@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from prism import execution as ex
-from prism import sandbox_host as host
-from prism.execution import IsolationUnavailable, run_many, run_program
+from prism.sandbox import executor as ex
+from prism.sandbox import host
+from prism.sandbox.executor import IsolationUnavailable, run_many, run_program
 
 INFO = ex.sandbox_info()
 NS = INFO["level"] != "none"
@@ -211,7 +211,7 @@ def test_an_interpreter_under_tmp_stays_usable_and_read_only(tmp_path):
         except OSError:
             wrote = False
         """)
-    driver = ("import sys; sys.path.insert(0, %r)\nfrom prism.execution import run_program\n"
+    driver = ("import sys; sys.path.insert(0, %r)\nfrom prism.sandbox.executor import run_program\n"
               "r = run_program(%r, 'assert code == 0, code\\nassert not wrote', allow=True, timeout=5)\n"
               "print(r.status, r.message)\n" % (REPO, prog))
     out = subprocess.run([str(venv / "bin" / "python"), "-c", driver], capture_output=True, text=True, timeout=60)

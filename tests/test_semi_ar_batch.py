@@ -5,7 +5,7 @@ cache); the uncached sampler's window-only output layer gives the tokens of the 
 import pytest
 import torch
 
-from prism.backbones.base import KVCache
+from prism.backbones.kv_cache import KVCache
 from prism.backbones.dit import DiT
 from prism.backbones.llada import LLaDABackbone
 from prism.heads.quality import LinearHead

@@ -14,7 +14,8 @@ import torch
 
 from conftest import SHARED_DATA
 from registry import TASKS
-from tasks.sft import SFT, load_mbpp
+from tasks.sft import SFT
+from tasks.sft_data import load_mbpp
 from tasks.tokenizers import (
     CHAT_TEMPLATE, build_chat_tokenizer, chat_tokenizer_dir, resolve_tokenizer, special_ids,
 )

@@ -60,12 +60,12 @@ def test_the_8b_recipe_composes_on_the_meta_device():
     = 201,326,592; the head: 2·4096 (LayerNorm) + 4096² + 4096 + 4096 + 1 = 16,793,601."""
     import gin
 
-    import run
+    from prism import cli
     from prism.adapters import parameter_counts
 
     gin.clear_config()
     try:
-        run.parse_gin(["gin/sft/llada_lora_prism.gin"], [
+        cli.parse_gin(["gin/sft/llada_lora_prism.gin"], [
             "backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'",
             "backbones.llada.device = 'meta'"])
         model = gin.get_configurable("models.mdm")()

@@ -27,7 +27,7 @@ def test_sudoku_recipe_leaves_the_entropy_plateau(tmp_path):
 def test_shipped_checkpoint_solves_dev_puzzles(tmp_path):
     out = str(tmp_path / "shipped")
     run_py(["eval", "gin/sudoku/mdm.gin", "--output-dir", out,
-            "--bind", "experiment.init_checkpoint = 'gin/sudoku/mdm.safetensors'",
+            "--bind", "experiment.init_checkpoint = 'weights/sudoku/mdm.safetensors'",
             "--bind", "evaluate.limit = 100", "--bind", "evaluate.batch_size = 100"])
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["n"] == 100 and m["givens_kept"] == 1.0

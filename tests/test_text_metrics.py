@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from prism.paths import DATA_ROOT
-from prism.text_metrics import (
+from prism.metrics.text import (
     DEFAULT_REFERENCES, MINILM, _chunked_head_ok, SMOLLM2, Entropy, GenerativePerplexity, Mauve, featurize, load_causal_lm,
     load_featurizer, mauve_from_features, read_texts, reference_metrics, score_texts, scored_targets,
     token_weighted_ppl, unigram_entropy,

@@ -2,9 +2,9 @@ import os
 
 import torch
 
-from prism.checkpoint import list_checkpoints
-from prism.distributed import EMA
-from prism.train import step_generator
+from prism.training.checkpoints import list_checkpoints
+from prism.training.distributed import EMA
+from prism.training.loop import step_generator
 
 
 def test_ema_warmup_and_decay_hand_computed():

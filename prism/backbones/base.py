@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from prism.backbones.kv_cache import KVCache, cache_ranges, key_padding_bias  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -43,6 +42,8 @@ class Backbone(nn.Module):
     - ``keep=(a, b)`` (lo <= a <= b <= hi): the output layer runs on positions a..b-1 only
       (``logits`` (B, b-a, V)); ``hidden_states`` still covers the computed range (a head reads it).
     """
+
+    released_names = ("", "")  # (strip, add): own module names -> the released model's (prism.hub_adapter)
 
     vocab_size: int
     mask_id: int

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from prism.backbones.base import Backbone, BackboneOutput, cache_ranges, key_padding_bias
+from prism.backbones.base import Backbone, BackboneOutput
+from prism.backbones.kv_cache import cache_ranges, key_padding_bias
 from prism.layers import DiTBlock, LayerNorm, Rotary, modulate  # noqa: F401  (DiTBlock: FSDP wraps it by name)
 from registry import BACKBONES, closest_names
 
@@ -86,6 +87,8 @@ class DiT(Backbone):
     backward (non-reentrant, dropout replayed). PRISM's OWT step (n_y = 4 sequences y per z) at batch
     2 × L 1024 peaked at 17.5 GB on the CPU without it, 12.5 GB with it (``benchmarks/full_size.py``).
     """
+
+    released_names = ("", "backbone.")  # MDLM's Hub model holds its DiT as .backbone
 
     def __init__(
         self,

@@ -32,6 +32,8 @@ class HFBackbone(Backbone):
     loaded with ``from_pretrained``) or ``config`` (a dict with ``model_type``, built with random
     weights, e.g. a tiny Llama for tests). ``mask_id`` defaults to the last vocabulary entry."""
 
+    released_names = ("model.", "")  # the wrapped transformers model is the released one
+
     def __init__(
         self,
         model_name_or_path: Optional[str] = None,

@@ -35,7 +35,8 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from prism.backbones.base import Backbone, BackboneOutput, cache_ranges, key_padding_bias
+from prism.backbones.base import Backbone, BackboneOutput
+from prism.backbones.kv_cache import cache_ranges, key_padding_bias
 from prism.backbones.llada_files import REVISION, checkpoint_files, resolve_model_dir
 from prism.backbones.upcast_linear import UpcastLinear
 from prism.checkpoint import as_dtype

@@ -17,7 +17,7 @@ class LossOutput:
 
 
 class Loss(nn.Module):
-    """A training objective. It is an ``nn.Module`` so that ``prism.train`` can wrap model and loss
+    """A training objective. It is an ``nn.Module`` so that ``prism.training.loop`` can wrap model and loss
     together in ONE module for DDP (every backbone pass of a step happens inside one wrapped
     forward). ``generator`` drives all of the loss's randomness (t, masks, draws)."""
 

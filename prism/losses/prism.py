@@ -17,7 +17,7 @@ under the whole sampling process, P(x_i = y_i | y, i ∈ F) (enumerated in tests
 
 Two backbone passes per step in all (the MDM term and the draw of y share the pass on z; the pass on y
 asks an MDM for the quality only, without SUBS log-probs); both run in
-the one ``forward`` that ``prism.train`` wraps for DDP. With ``source='frozen'`` y is drawn from a frozen
+the one ``forward`` that ``prism.training.loop`` wraps for DDP. With ``source='frozen'`` y is drawn from a frozen
 copy of the starting model instead (a third, gradient-free pass).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from prism.calibration import expected_calibration_error
+from prism.metrics.calibration import expected_calibration_error
 from prism.losses.base import Loss, LossOutput
 from prism.losses.mdm import MDLMLoss, check_normalize
 from prism.masking import LOGLINEAR, NoiseSchedule, limit_to_window, mask_tokens, sample_t

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from prism.calibration import expected_calibration_error
+from prism.metrics.calibration import expected_calibration_error
 from prism.losses.base import Loss, LossOutput
 from prism.masking import LOGLINEAR, NoiseSchedule, mask_tokens, sample_t
 from prism.ops import categorical_draw

@@ -41,4 +41,4 @@ class TokenCriticSchedule(Schedule):
 def token_critic_sampler(steps: int = 51, temperature: float = 1.0, top_p: float = 1.0) -> Sampler:
     """Token-Critic sampling with ``models.mdm.critic``."""
     return Sampler(TokenCriticSchedule(steps), RandomUnmask(), CategoricalDraw(temperature, top_p), noise_removal=True,
-                   cache=True, remask_rule=TokenCriticRemask())
+                   reuse_prediction=True, remask_rule=TokenCriticRemask())

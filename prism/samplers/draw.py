@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from prism.ops import NUCLEUS_READINGS, categorical_draw, gumbel_max, nucleus_filter  # noqa: F401  (re-exported)
+from prism.ops import NUCLEUS_READINGS, categorical_draw, gumbel_max
 from registry import DRAWS
 
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from prism.backbones.base import KVCache
+from prism.backbones.kv_cache import KVCache
 from prism.model import MDMOutput
 from prism.samplers.draw import CategoricalDraw
 from prism.ops import select_top
@@ -40,12 +40,16 @@ class SampleOutput:
 class SamplerState:
     """What the schedule and the rules may look at: the current state ``z``, ``fixed``, the model's
     last output (``log_probs``, ``quality``, ``token_log_probs``), ``confidence`` (B, L): the
-    probability each clean token had when it was unmasked (NaN for masked and fixed positions), the
-    step index and the generator."""
+    probability each clean token had when it was unmasked (NaN for masked and fixed positions),
+    ``draw_confidence`` (B, L): its probability under the law the draw part drew it from (after the
+    nucleus filter; kept when the draw part keeps them, ``keep_probs``, else NaN), the step index and
+    the generator."""
 
     def __init__(self, z, fixed, mask_id, generator):
         self.z, self.fixed, self.mask_id, self.generator = z, fixed, mask_id, generator
         self.confidence = torch.full(z.shape, float("nan"), dtype=torch.float64, device=z.device)
+        self.draw_confidence = torch.full_like(self.confidence, float("nan"))
+        self.draw_probs_kept = False  # set by the loop: does its draw part keep the drawn tokens' probabilities?
         self.log_probs = self.quality = self.token_log_probs = None
         self.attention_mask = None  # the batch's (B, L) padding mask, when it has one
         self.step = 0
@@ -128,6 +132,7 @@ def span_view(state: SamplerState, lo: int, hi: int) -> SamplerState:
     view = SamplerState.__new__(SamplerState)
     view.z, view.fixed, view.mask_id, view.generator = state.z[:, lo:hi], state.fixed[:, lo:hi], state.mask_id, state.generator
     view.confidence = state.confidence[:, lo:hi]
+    view.draw_confidence = state.draw_confidence[:, lo:hi]
     view.attention_mask = None if state.attention_mask is None else state.attention_mask[:, lo:hi]
     view.log_probs = view.quality = view.token_log_probs = None
     view.step = state.step
@@ -193,7 +198,7 @@ class Sampler:
 
     ``noise_removal``: after the last step, positions still masked (MDLM's grid ends at t = eps > 0;
     a remasking step may leave masks) take the argmax of the model's prediction, as MDLM's final
-    denoising step does. ``cache``: reuse the last prediction while the state is unchanged (MDLM's
+    denoising step does. ``reuse_prediction``: reuse the last prediction while the state is unchanged (MDLM's
     caching); off for time-conditioned models, whose prediction also depends on t.
 
     ``kv_cache`` (Fast-dLLM's approximate KV cache, Wu et al. 2025; for schedules with a window, i.e.
@@ -227,7 +232,7 @@ class Sampler:
         unmask_rule: Optional[UnmaskRule] = None,
         draw: Optional[CategoricalDraw] = None,
         noise_removal: bool = True,
-        cache: bool = True,
+        reuse_prediction: bool = True,
         remask_rule=None,
         kv_cache: str = "none",
         refresh: str = "block",
@@ -240,7 +245,7 @@ class Sampler:
         self.schedule = schedule
         self.unmask_rule = unmask_rule or RandomUnmask()
         self.draw = draw or CategoricalDraw()
-        self.noise_removal, self.cache = noise_removal, cache
+        self.noise_removal, self.reuse_prediction = noise_removal, reuse_prediction
         self.remask_rule = remask_rule
         self.kv_cache, self.refresh = kv_cache, refresh
 
@@ -265,8 +270,9 @@ class Sampler:
         z = torch.where(fixed, batch["input_ids"], torch.full_like(batch["input_ids"], mask_id))
         state = SamplerState(z, fixed, mask_id, generator)
         state.attention_mask = attention_mask  # rules that run a network of their own pass it on
+        state.draw_probs_kept = bool(getattr(self.draw, "keep_probs", False))
         B, L = z.shape
-        cache = self.cache and not getattr(model, "time_conditioned", False)
+        reuse = self.reuse_prediction and not getattr(model, "time_conditioned", False)
         kv = None if self.kv_cache == "none" else KVCache(batch_size=B)
         filled = torch.zeros(B, dtype=torch.bool, device=z.device)  # rows whose cache a refresh has filled
         narrow = kv is None and self.window_logits and getattr(model, "supports_keep", False) \
@@ -294,7 +300,7 @@ class Sampler:
             if span[0] == span[1]:
                 continue
             # (with window-only logits a moved window needs a pass even when the state is unchanged)
-            if out is None or not cache or span != out_span or (kv is not None and plan.block_start):
+            if out is None or not reuse or span != out_span or (kv is not None and plan.block_start):
                 out, out_span = predict(plan.t, plan, span), span
             lo, hi = span
             view = span_view(state, lo, hi) if span != (0, L) else state
@@ -304,15 +310,16 @@ class Sampler:
                 steps.append(self._trace(i, plan, state, view, unmask, remask, lo, hi))
             if view is not state:
                 state.confidence[:, lo:hi] = view.confidence
+                state.draw_confidence[:, lo:hi] = view.draw_confidence
                 new_z = torch.cat([state.z[:, :lo], new_z, state.z[:, hi:]], 1)
             else:
-                state.confidence = view.confidence
+                state.confidence, state.draw_confidence = view.confidence, view.draw_confidence
             if not torch.equal(new_z, state.z):
                 state.z = new_z
                 out = None
         masked = state.masked
         if self.noise_removal and masked.any():
-            if out is None or not cache or out_span != (0, L):
+            if out is None or not reuse or out_span != (0, L):
                 out = predict(self.schedule.final_t)
             state.z = torch.where(masked, out.log_probs.argmax(-1), state.z)
         return SampleOutput(tokens=state.z, nfe=nfe, trace=steps)
@@ -353,6 +360,10 @@ class Sampler:
 
             remask = choose(plan.n_remask, cols(plan.p_remask), remask_candidates, remask_scores, generator)
         view.confidence = torch.where(unmask, token_p, view.confidence).masked_fill(remask, float("nan"))
+        drawn = getattr(self.draw, "token_probs", None) if getattr(self.draw, "keep_probs", False) else None
+        if drawn is not None:
+            view.draw_confidence = torch.where(unmask, drawn.to(view.draw_confidence), view.draw_confidence)
+            view.draw_confidence = view.draw_confidence.masked_fill(remask, float("nan"))
         return torch.where(remask, torch.full_like(x_hat, mask_id), x_hat), unmask, remask, extra
 
     @staticmethod

@@ -51,15 +51,15 @@ LOOP_ALPHAS = ("phase_of_t", "piecewise")
 
 @SCHEDULES.register("remdm")
 class ReMDMSchedule(Schedule):
-    """ReMDM's σ-generalised MDLM step on the grid t_i = 1 → eps in ``steps`` steps. ``draw``: the
-    sampler's draw part, whose ``token_probs`` ReMDM-conf stores (``conf_after_nucleus``); without
-    one (a schedule built alone) the loop's ``state.confidence`` is used."""
+    """ReMDM's σ-generalised MDLM step on the grid t_i = 1 → eps in ``steps`` steps. ReMDM-conf remasks
+    by ``state.draw_confidence`` (``conf_after_nucleus``: the probability under the law the token was
+    drawn from, which the loop keeps when its draw part keeps them) or ``state.confidence``."""
 
     remasks = True
 
     def __init__(self, steps: int = 128, strategy: str = "cap", eta: float = 0.02, t_on: float = 0.55,
                  t_off: float = 0.05, alpha_on: float = 0.9, eps: float = 1e-5, noise: Optional[NoiseSchedule] = None,
-                 loop_alpha: str = "phase_of_t", conf_after_nucleus: bool = True, draw=None):
+                 loop_alpha: str = "phase_of_t", conf_after_nucleus: bool = True):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown ReMDM strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
         if loop_alpha not in LOOP_ALPHAS:
@@ -70,7 +70,7 @@ class ReMDMSchedule(Schedule):
             raise ValueError(f"ReMDM-loop needs eta <= (1 - alpha_on)/alpha_on = {(1 - alpha_on) / alpha_on:.4g}")
         self.n_steps, self.strategy, self.eta = steps, strategy, eta
         self.t_on, self.t_off, self.alpha_on, self.eps = t_on, t_off, alpha_on, eps
-        self.loop_alpha, self.conf_after_nucleus, self.draw = loop_alpha, conf_after_nucleus, draw
+        self.loop_alpha, self.conf_after_nucleus = loop_alpha, conf_after_nucleus
         self.noise = noise or LOGLINEAR
         self.grid = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
 
@@ -126,20 +126,13 @@ class ReMDMSchedule(Schedule):
 
     def plans(self, state):
         B = state.z.shape[0]
-        own = self.strategy == "conf" and self.conf_after_nucleus and getattr(self.draw, "keep_probs", False)
-        conf = previous = None
         for i in range(self.n_steps):
             t, s = self.time(i)
             sigma = self.sigma(t, s)
             if self.strategy == "conf":
                 clean = state.clean
-                if own:  # the probabilities the draw gave the tokens unmasked since the last plan
-                    if conf is None:
-                        conf = torch.full(clean.shape, float("nan"), dtype=torch.float64, device=clean.device)
-                    elif self.draw.token_probs is not None:
-                        conf = torch.where(clean & ~previous, self.draw.token_probs.to(conf.device), conf)
-                    conf, previous = conf.masked_fill(~clean, float("nan")), clean.clone()
-                confidence = conf if own else state.confidence
+                kept = self.conf_after_nucleus and getattr(state, "draw_probs_kept", False)
+                confidence = state.draw_confidence if kept else state.confidence
                 logits = (-confidence).masked_fill(~clean, float("-inf"))
                 weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # rows with no clean token: 0
                 yield StepPlan(t, s, p_unmask=torch.full((B,), self.unmask_probability(t, s, 0.0)),
@@ -160,4 +153,4 @@ def remdm_sampler(steps: int = 128, strategy: str = "cap", eta: float = 0.02, t_
     keep = strategy == "conf" and conf_after_nucleus
     draw = CategoricalDraw(temperature, top_p, nucleus, keep_probs=keep)
     return Sampler(ReMDMSchedule(steps, strategy, eta, t_on, t_off, alpha_on, eps, noise, loop_alpha,
-                                 conf_after_nucleus, draw if keep else None), RandomUnmask(), draw, noise_removal)
+                                 conf_after_nucleus), RandomUnmask(), draw, noise_removal)

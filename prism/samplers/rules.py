@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from prism.ops import select_top  # noqa: F401  (re-exported: the loop and the tests import it from here)
+
 from registry import UNMASK_RULES
 
 

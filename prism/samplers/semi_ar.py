@@ -272,6 +272,6 @@ def semi_ar_sampler(steps: int = 128, block_length: int = 32, remask_per_block: 
         raise ValueError("samplers.semi_ar.low_confidence_tokens sets the confidence rule's exclude list; with "
                          "an unmask_rule of your own, give it unmask_rules.confidence.exclude instead")
     unmask_rule = unmask_rule or ConfidenceUnmask(exclude=low_confidence_tokens)
-    return Sampler(schedule, unmask_rule, CategoricalDraw(temperature, top_p), noise_removal=True, cache=True,
+    return Sampler(schedule, unmask_rule, CategoricalDraw(temperature, top_p), noise_removal=True, reuse_prediction=True,
                    kv_cache=cache, refresh=refresh, forbid_tokens=forbid_tokens,
                    remask_rule=(remask_rule or PRISMRemask()) if remask_per_block else remask_rule)

@@ -1,4 +1,4 @@
-"""The host side of ``prism.execution``'s sandbox: what this machine can isolate with (probed once),
+"""The host side of ``prism.sandbox.executor``'s sandbox: what this machine can isolate with (probed once),
 one control group per job, and the bookkeeping around a job (sandbox uids, paths to keep visible,
 killing what is left).
 

@@ -10,7 +10,7 @@ Each is a gin-configurable ``CorpusMetric`` (a task lists them in its ``corpus_s
   ``featurizer``. Returns ``{key: mauve, key_featurizer: name}`` (``key = 'mauve'``).
 - ``metrics.entropy``: the mean over samples of each sample's unigram entropy (nats).
 
-Evaluator models load lazily on first use, on the main process only (see ``prism.metrics``).
+Evaluator models load lazily on first use, on the main process only (see ``prism.metrics.corpus``).
 ``reference_metrics`` computes the same metrics on held-out real text: the reference row of a table.
 
 Offline evaluator models (no network needed): the judge / featurizer ``'smollm2-135m'``
@@ -31,7 +31,7 @@ import gin
 import torch
 import torch.nn.functional as F
 
-from prism.metrics import CorpusMetric, run_scorers
+from prism.metrics.corpus import CorpusMetric, run_scorers
 from prism.paths import DATA_ROOT
 
 SMOLLM2 = "smollm2-135m"

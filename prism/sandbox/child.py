@@ -1,4 +1,4 @@
-"""The trusted side of ``prism.execution``'s sandbox: the code the executor runs first in every fresh
+"""The trusted side of ``prism.sandbox.executor``'s sandbox: the code the executor runs first in every fresh
 interpreter (``python -I -c <this file's text>``), before any model-written code. As the job's init
 (pid 1 of its PID namespace) it reads the job from stdin, joins the job's cgroups, sets the resource
 limits and, where the executor found private namespaces, makes the root file system read-only and

@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import gin
 import torch
 
-from prism.evaluate import generate_and_score
+from prism.evaluation.evaluate import generate_and_score
 from prism.experiment import build_experiment
 from registry import REGISTRIES
 

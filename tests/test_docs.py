@@ -1,0 +1,60 @@
+"""The front door: the README stays short, its Python example runs as written, and every relative link of
+the README and docs/ names a file (and a heading) that exists."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+DOCS = [os.path.join(REPO, "README.md")] + [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(REPO, "docs"))
+                                            for f in fs if f.endswith(".md")]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: str):
+    with open(path) as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    return {slug(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_readme_is_a_front_door():
+    text = open(os.path.join(REPO, "README.md")).read()
+    assert len(text.splitlines()) <= 200
+    for part in ("## Install", "## Data", "## Quickstart", "## Tests", "## Reproducing the paper", "## Limits",
+                 "## Citation", "python -m prism.data fetch"):
+        assert part in text, part
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: os.path.relpath(p, REPO))
+def test_relative_links_resolve(doc):
+    text = re.sub(r"```.*?```", "", open(doc).read(), flags=re.S)
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+        if not os.path.exists(full):
+            bad.append(target)
+        elif anchor and full.endswith(".md") and anchor not in anchors(full):
+            bad.append(target)
+    assert not bad, bad
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "sudoku")), reason="needs ../shared/data")
+def test_the_readme_python_example_runs():
+    block = re.search(r"```python\n(.*?)```", open(os.path.join(REPO, "README.md")).read(), flags=re.S).group(1)
+    assert len([line for line in block.splitlines() if line.strip()]) <= 7
+    proc = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    value = float(re.search(r"tensor\(([0-9.]+)\)", proc.stdout).group(1))
+    assert 0.0 <= value <= 1.0
