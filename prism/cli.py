@@ -143,12 +143,6 @@ def check_output_dir(args: argparse.Namespace, output_dir: str) -> None:
         )
 
 
-def clear_output_dir(output_dir: str) -> None:
-    from prism.training.checkpoints import RunDir
-
-    RunDir(output_dir).clear_training()
-
-
 def load_run_weights(exp, output_dir: str, accelerator) -> str:
     """For sample / eval: the run's own latest checkpoint if it has one, else
     experiment.init_checkpoint (already loaded), else the random initialisation (with a warning)."""
@@ -204,8 +198,10 @@ def check_data_first(command: str, opts: dict) -> None:
     from prism.data import MissingData
 
     train, evals = bound_task("experiment.task"), bound_task("experiment.eval_task")
-    scored = command != "train" or opts["eval_before_train"] or opts["eval_after_train"]
-    for task in ([train] if command == "train" else []) + ([evals or train] if scored else []):
+    around = opts["eval_before_train"] or opts["eval_after_train"]
+    sampled = command != "train" or around
+    scored = command == "eval" or (command == "train" and around)
+    for task in ([train] if command == "train" else []) + ([evals or train] if sampled else []):
         try:
             if task is not None:
                 task.check_data()
@@ -218,6 +214,81 @@ def check_data_first(command: str, opts: dict) -> None:
             raise SystemExit(f"{command}: {err}") from None
 
 
+def setup(args: argparse.Namespace, opts: dict, run_dir, accelerator):
+    """Checks (data, opt-ins, output directory) before any model is built, then the experiment with
+    its weights and the run's config and run information written; returns (experiment, weights, seed)."""
+    from accelerate.utils import set_seed
+
+    from prism.experiment import build_experiment
+
+    try:
+        seed = gin.query_parameter("experiment.seed")
+    except ValueError:
+        seed = 0
+    set_seed(seed)  # same seed on every rank: identical initial weights (DDP also broadcasts them)
+    check_data_first(args.command, opts)
+    exp = build_experiment()
+    scored = opts["eval_before_train"] or opts["eval_after_train"]
+    if args.command == "train":
+        with accelerator.main_process_first():  # e.g. generate and cache data once, not once per rank
+            exp.task.prepare()
+            if exp.eval_task is not exp.task and scored:
+                exp.eval_task.prepare()
+        if scored:
+            check_eval_inputs(exp)  # before the first step, not after the last
+        if args.overwrite and not args.resume and accelerator.is_main_process:
+            run_dir.clear_training()
+        weights = exp.init_checkpoint or "random init"
+    else:  # sample / eval read only the evaluation data, each task loading it on first use
+        weights = load_run_weights(exp, run_dir.path, accelerator)
+    set_seed(seed, device_specific=True)  # from here on (dropout, ...) each rank draws its own numbers
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_text_atomic(run_dir.config(args.command), gin.config_str())
+        write_text_atomic(run_dir.run_info(args.command), json.dumps(run_info(args, accelerator), indent=2))
+    if opts["log_with"]:
+        accelerator.init_trackers(opts["project_name"], config={"bindings": args.bind, "configs": args.configs})
+    return exp, weights
+
+
+def run_train(args, opts, exp, weights, accelerator, output_dir):
+    """``train`` (with the evaluations around it that ``run`` asks for); returns (result, table rows)."""
+    from prism.evaluation.evaluate import generate_and_score
+    from prism.training.loop import NonFiniteError, train
+
+    result: dict = {}
+    rows: List[dict] = []
+    if opts["eval_before_train"]:
+        rows.append({"weights": weights, "train steps": 0, **generate_and_score(exp, accelerator, output_dir, tag="_before")})
+    try:
+        result["train"] = train(exp, accelerator, output_dir, resume=args.resume)
+    except NonFiniteError as err:
+        raise SystemExit(f"training stopped: {str(err).split(chr(10) + '  In call to configurable')[0]}") from None
+    if opts["eval_after_train"]:
+        rows.append({"weights": "after training", "train steps": int(result["train"].get("step", 0)),
+                     **generate_and_score(exp, accelerator, output_dir)})
+    return result, rows
+
+
+def run_sample_or_eval(args, exp, weights, accelerator, run_dir):
+    """``sample`` / ``eval``: one experiment, or one per ``compare.rows`` gin scope; returns (result, rows)."""
+    from prism.evaluation.compare import compare_rows
+    from prism.evaluation.evaluate import generate_and_score
+
+    result: dict = {}
+    rows: List[dict] = []
+    compared = compare_rows(accelerator, run_dir.path, score=args.command == "eval")  # one per gin scope
+    if compared is not None:
+        result["eval"] = {r["row"]: r for r in compared}
+        rows += compared
+    else:
+        result["eval"] = generate_and_score(exp, accelerator, run_dir.path, score=args.command == "eval")
+        rows.append({"weights": weights, **result["eval"]})
+    if args.command == "eval" and accelerator.is_main_process:
+        write_text_atomic(run_dir.eval_metrics, json.dumps(result["eval"], indent=2))
+    return result, rows
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     load_builtin_components()
@@ -225,12 +296,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         import_user_dir(d)
     parse_gin(args.configs, args.bind)
 
-    from accelerate.utils import set_seed
-
-    from prism.evaluation.evaluate import generate_and_score
-    from prism.experiment import build_experiment
     from prism.training.checkpoints import RunDir
-    from prism.training.loop import NonFiniteError, train
 
     output_dir = args.output_dir or os.path.join(REPO_ROOT, "runs", os.path.splitext(os.path.basename(args.configs[0]))[0])
     os.makedirs(output_dir, exist_ok=True)
@@ -239,73 +305,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     run_dir = RunDir(output_dir)
     check_output_dir(args, output_dir)
     accelerator = make_accelerator(opts, output_dir)
-    try:
-        seed = gin.query_parameter("experiment.seed")
-    except ValueError:
-        seed = 0
-    set_seed(seed)  # same seed on every rank: identical initial weights (DDP also broadcasts them)
-    check_data_first(args.command, opts)
-    exp = build_experiment()
-    if args.command == "eval" or (args.command == "train" and (opts["eval_before_train"] or opts["eval_after_train"])):
-        try:  # before any training or sampling: e.g. MBPP's opt-in to execute generated code
-            exp.eval_task.check_scoring()
-        except RuntimeError as err:
-            raise SystemExit(f"{args.command}: {err}") from None
+    exp, weights = setup(args, opts, run_dir, accelerator)
     if args.command == "train":
-        with accelerator.main_process_first():  # e.g. generate and cache data once, not once per rank
-            exp.task.prepare()
-            if exp.eval_task is not exp.task and (opts["eval_before_train"] or opts["eval_after_train"]):
-                exp.eval_task.prepare()
-        if opts["eval_before_train"] or opts["eval_after_train"]:
-            check_eval_inputs(exp)  # before the first step, not after the last
-        if args.overwrite and not args.resume and accelerator.is_main_process:
-            clear_output_dir(output_dir)
-        weights = exp.init_checkpoint or "random init"
-    else:  # sample / eval read only the evaluation data, each task loading it on first use
-        weights = load_run_weights(exp, output_dir, accelerator)
-    set_seed(seed, device_specific=True)  # from here on (dropout, ...) each rank draws its own numbers
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_text_atomic(run_dir.config(args.command), gin.config_str())
-        write_text_atomic(run_dir.run_info(args.command),
-                   json.dumps(run_info(args, accelerator), indent=2))
-    if opts["log_with"]:
-        accelerator.init_trackers(opts["project_name"], config={"bindings": args.bind, "configs": args.configs})
-
-    result: dict = {}
-    rows: List[dict] = []
-    if args.command == "train":
-        if opts["eval_before_train"]:
-            rows.append({"weights": weights, "train steps": 0,
-                         **generate_and_score(exp, accelerator, output_dir, tag="_before")})
-        try:
-            result["train"] = train(exp, accelerator, output_dir, resume=args.resume)
-        except NonFiniteError as err:
-            raise SystemExit(f"training stopped: {str(err).split(chr(10) + '  In call to configurable')[0]}") from None
-        if opts["eval_after_train"]:
-            rows.append({"weights": "after training", "train steps": int(result["train"].get("step", 0)),
-                         **generate_and_score(exp, accelerator, output_dir)})
+        result, rows = run_train(args, opts, exp, weights, accelerator, output_dir)
     else:
-        from prism.evaluation.compare import compare_rows
-
-        compared = compare_rows(accelerator, output_dir, score=args.command == "eval")  # compare.rows: one per gin scope
-        if compared is not None:
-            result["eval"] = {r["row"]: r for r in compared}
-            rows += compared
-        else:
-            result["eval"] = generate_and_score(exp, accelerator, output_dir, score=args.command == "eval")
-            rows.append({"weights": weights, **result["eval"]})
-        if args.command == "eval" and accelerator.is_main_process:
-            write_text_atomic(os.path.join(output_dir, "metrics.json"), json.dumps(result["eval"], indent=2))
+        result, rows = run_sample_or_eval(args, exp, weights, accelerator, run_dir)
     if accelerator.is_main_process:
         if rows and args.command != "sample":
             result["table"] = rows
             table = results_table(rows)
             print("\n" + table)
-            write_text_atomic(os.path.join(output_dir, f"{args.command}_results.md"), table + "\n")
+            write_text_atomic(run_dir.results_table(args.command), table + "\n")
         # The operative config: every parameter actually used by what was built and run.
         write_text_atomic(run_dir.config(args.command, operative=True), gin.operative_config_str())
-        write_text_atomic(os.path.join(output_dir, f"{args.command}_result.json"), json.dumps(result, indent=2, default=str))
+        write_text_atomic(run_dir.result(args.command), json.dumps(result, indent=2, default=str))
     # Every rank reaches the end before any tears its process group down: a gloo rank that destroys
     # and exits while a peer is still writing can abort at exit (seen in CI).
     accelerator.wait_for_everyone()

@@ -53,13 +53,23 @@ class ToyLM:
         return SimpleNamespace(log_probs=log_probs, quality_logits=quality)
 
 
-def llada_generate(model, prompt, attention_mask, steps, gen_length, block_length):
+EOS, EOT = 1, 2
+
+
+def llada_generate(model, prompt, attention_mask, steps, gen_length, block_length, logits_eos_inf=False,
+                   confidence_eos_eot_inf=False):
     """LLaDA's ``generate`` as its description goes (greedy, ``remasking='low_confidence'``, no CFG):
     the answer is appended after the (left-padded) prompt, cut into gen_length / block_length blocks
     with steps / blocks steps each; a block's masks are spread evenly over its steps (the first ones
     take the remainder); each step every still-masked position guesses its argmax, confidence is the
     softmax probability of that guess, positions after the current block get −inf, and each row
-    transfers its top-k. Returns the final x and, per step, the (B, L) positions transferred."""
+    transfers its top-k. Returns the final x and, per step, the (B, L) positions transferred.
+
+    LLaDA's two EOS options at temperature 0, as its code reads: the EOS logit at −inf before the
+    argmax (``logits_eos_inf``); after the argmax, the EOS and EOT logits at −inf before the softmax
+    that gives the confidence (``confidence_eos_eot_inf``: at τ = 0 the noisy logits are the logits, so
+    both are set). A guess of EOS/EOT then has confidence 0; ties among such zeros are broken here by
+    the guess's own probability, as the sampler documents."""
     B, P = prompt.shape
     x = torch.cat([prompt, torch.full((B, gen_length), MASK, dtype=torch.long)], 1)
     seen = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=torch.bool)], 1)
@@ -74,9 +84,15 @@ def llada_generate(model, prompt, attention_mask, steps, gen_length, block_lengt
         quota = [n // per_block + (j < n % per_block) for j in range(per_block)]
         for j in range(per_block):
             masked = x == MASK
-            logits = model(x, attention_mask=seen).log_probs
+            logits = model(x, attention_mask=seen).log_probs.double().clone()
+            if logits_eos_inf:
+                logits[..., EOS] = float("-inf")
             guess = logits.argmax(-1)
-            conf = torch.softmax(logits.double(), -1).gather(-1, guess[..., None]).squeeze(-1)
+            own = torch.softmax(logits, -1).gather(-1, guess[..., None]).squeeze(-1)
+            if confidence_eos_eot_inf:
+                logits[..., EOS] = logits[..., EOT] = float("-inf")
+            conf = torch.softmax(logits, -1).gather(-1, guess[..., None]).squeeze(-1)
+            conf = torch.where(conf > 0, conf, own * 1e-12)  # the zeros, ordered by their own probability
             conf[:, end:] = float("-inf")
             conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
             take = torch.zeros_like(masked)
@@ -352,45 +368,6 @@ def test_released_prism_llada_order_is_after_unmask_with_the_central_budget():
 
 # ---- 5. LLaDA's EOS options: logits_eos_inf and confidence_eos_eot_inf --------------------------
 
-EOS, EOT = 1, 2
-
-
-def llada_generate_eos(model, prompt, attention_mask, steps, gen_length, block_length, logits_eos_inf=False,
-                       confidence_eos_eot_inf=False):
-    """``llada_generate`` with LLaDA's two EOS options at temperature 0, as its code reads: the EOS
-    logit at −inf before the argmax (``logits_eos_inf``); after the argmax, the EOS and EOT logits at
-    −inf before the softmax that gives the confidence (``confidence_eos_eot_inf``: at τ = 0 the noisy
-    logits are the logits, so both are set). A guess of EOS/EOT then has confidence 0; ties among
-    such zeros are broken here by the guess's own probability, as the sampler documents."""
-    B, P = prompt.shape
-    x = torch.cat([prompt, torch.full((B, gen_length), MASK, dtype=torch.long)], 1)
-    seen = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=torch.bool)], 1)
-    n_blocks = gen_length // block_length
-    per_block = steps // n_blocks
-    for b in range(n_blocks):
-        end = P + (b + 1) * block_length
-        n = (x[:, P + b * block_length:end] == MASK).sum(1)
-        quota = [n // per_block + (j < n % per_block) for j in range(per_block)]
-        for j in range(per_block):
-            masked = x == MASK
-            logits = model(x, attention_mask=seen).log_probs.clone()
-            if logits_eos_inf:
-                logits[..., EOS] = float("-inf")
-            guess = logits.argmax(-1)
-            own = torch.softmax(logits, -1).gather(-1, guess[..., None]).squeeze(-1)
-            if confidence_eos_eot_inf:
-                logits[..., EOS] = logits[..., EOT] = float("-inf")
-            conf = torch.softmax(logits, -1).gather(-1, guess[..., None]).squeeze(-1)
-            conf = torch.where(conf > 0, conf, own * 1e-12)  # the zeros, ordered by their own probability
-            conf[:, end:] = float("-inf")
-            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-            take = torch.zeros_like(masked)
-            for r in range(B):
-                take[r, torch.topk(conf[r], int(quota[j][r])).indices] = True
-            x = torch.where(take, guess, x)
-    return x
-
-
 class EOSLoverLM(ToyLM):
     """ToyLM whose logits favour EOS and EOT (+2.5) so that they are often the argmax."""
 
@@ -407,8 +384,8 @@ class EOSLoverLM(ToyLM):
 def test_llada_eos_options_match_generate(flags):
     prompt, seen = prompts([4, 6, 5])
     model = EOSLoverLM()
-    plain = llada_generate_eos(model, prompt, seen, 12, 24, 8)
-    ref = llada_generate_eos(model, prompt, seen, 12, 24, 8, **flags)
+    plain = llada_generate(model, prompt, seen, 12, 24, 8)[0]
+    ref = llada_generate(model, prompt, seen, 12, 24, 8, **flags)[0]
     kw = {}
     if flags.get("logits_eos_inf"):
         kw["forbid_tokens"] = [EOS]

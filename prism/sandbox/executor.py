@@ -126,18 +126,9 @@ def run_program(program: str, tests: str, *, setup: str = "", timeout: float = 3
         os.write(tok_w, token.encode())
         os.close(tok_w)
         res_r, res_w = os.pipe()
-        mb = 1 << 20
-        nproc = limits.processes if uid is not None else (
-            None if os.geteuid() == 0 else host.task_count(os.getuid()) + limits.processes)
-        payload = {
-            "program": program, "tests": tests, "setup": setup, "jobdir": jobdir, "uid": uid, "nproc": nproc,
-            "guard": guard, "preload": _PRELOAD, "tok_fd": tok_r, "res_fd": res_w, "mounts": ns_mode,
-            "disk_mb": max_disk_mb, "host_mnt_ns": os.readlink("/proc/self/ns/mnt"),
-            "expose": host.exposures() if uid is not None else {}, "replaced": list(host.REPLACED),
-            "keep": host.kept_paths() if ns_mode else [], "cgroup_procs": group.procs if group else [],
-            "rlimits": {"RLIMIT_AS": [limits.per_process_mb * mb] * 2, "RLIMIT_CPU": [cpu, cpu + 1],
-                        "RLIMIT_FSIZE": [max_file_mb * mb] * 2, "RLIMIT_CORE": [0, 0],
-                        "RLIMIT_NOFILE": [max_open_files] * 2}}
+        payload = dict(_job_payload(limits, uid, ns_mode, group, cpu, max_file_mb, max_open_files, max_disk_mb),
+                       program=program, tests=tests, setup=setup, jobdir=jobdir, guard=guard, tok_fd=tok_r,
+                       res_fd=res_w)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": jobdir, "TMPDIR": jobdir,
                "PRISM_EXEC_JOB": marker}
         start = time.monotonic()
@@ -181,6 +172,21 @@ def run_program(program: str, tests: str, *, setup: str = "", timeout: float = 3
     if truncated:
         res.message = (res.message + f" [output past {max_output_kb} KiB was read and discarded]").strip()
     return res
+
+
+def _job_payload(limits: JobLimits, uid: Optional[int], ns_mode: bool, group, cpu: int, max_file_mb: int,
+                 max_open_files: int, max_disk_mb: int) -> Dict[str, Any]:
+    """What the job's init needs besides the code: its uid, process and resource limits, mounts, cgroups."""
+    mb = 1 << 20
+    nproc = limits.processes if uid is not None else (
+        None if os.geteuid() == 0 else host.task_count(os.getuid()) + limits.processes)
+    return {"uid": uid, "nproc": nproc, "preload": _PRELOAD, "mounts": ns_mode, "disk_mb": max_disk_mb,
+            "host_mnt_ns": os.readlink("/proc/self/ns/mnt"), "expose": host.exposures() if uid is not None else {},
+            "replaced": list(host.REPLACED), "keep": host.kept_paths() if ns_mode else [],
+            "cgroup_procs": group.procs if group else [],
+            "rlimits": {"RLIMIT_AS": [limits.per_process_mb * mb] * 2, "RLIMIT_CPU": [cpu, cpu + 1],
+                        "RLIMIT_FSIZE": [max_file_mb * mb] * 2, "RLIMIT_CORE": [0, 0],
+                        "RLIMIT_NOFILE": [max_open_files] * 2}}
 
 
 def _verdict(res: ExecutionResult, raw: bytes, token: str, timed_out: bool, job: Dict[str, Any]) -> None:

@@ -7,7 +7,8 @@ and reads of a training run (collective where weights are sharded) go through he
     <run>/metrics.jsonl                    the training log (``prism.training.runlog``)
     <run>/<command>_config.gin             the gin config a command parsed (train, sample, eval);
     <run>/<command>_operative_config.gin   the part it used; <run>/<command>_run_info.json versions, processes
-    <run>/metrics.json, samples*.jsonl     what sample / eval wrote
+    <run>/<command>_result.json            what the command returned; <run>/<command>_results.md its table
+    <run>/metrics.json, samples*.jsonl     what eval wrote (samples*.jsonl: prism.evaluation.evaluate)
 """
 from __future__ import annotations
 
@@ -49,6 +50,17 @@ class RunDir:
 
     def run_info(self, command: str) -> str:
         return os.path.join(self.path, f"{command}_run_info.json")
+
+    def result(self, command: str) -> str:
+        """What the command returned (the training summary, the metrics, the table) as JSON."""
+        return os.path.join(self.path, f"{command}_result.json")
+
+    def results_table(self, command: str) -> str:
+        return os.path.join(self.path, f"{command}_results.md")
+
+    @property
+    def eval_metrics(self) -> str:
+        return os.path.join(self.path, "metrics.json")
 
     def checkpoints(self) -> List[str]:
         """Complete checkpoints (directories with trainer_state.json), oldest first."""
