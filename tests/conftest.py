@@ -57,3 +57,22 @@ def run_py(args, cwd=REPO, env=None, timeout=600, launcher=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+META_8B = ["backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'", "backbones.llada.device = 'meta'"]
+
+
+def compose_on_meta(gin_file, *builds, binds=(), queries=()):
+    """Parse ``gin_file`` with LLaDA-8B on the meta device (nothing read or allocated) and ``binds``;
+    return the configurables ``builds`` called (e.g. 'models.mdm', 'samplers.semi_ar') and the values
+    of the gin parameters ``queries``, with the gin config cleared afterwards."""
+    import gin
+
+    from prism import cli
+
+    gin.clear_config()
+    try:
+        cli.parse_gin([gin_file], META_8B + list(binds))
+        return [gin.get_configurable(b)() for b in builds], [gin.query_parameter(q) for q in queries]
+    finally:
+        gin.clear_config()

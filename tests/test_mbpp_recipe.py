@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import SHARED_DATA, run_py
+from conftest import SHARED_DATA, compose_on_meta, run_py
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "mbpp", "mbpp.jsonl")),
                                 reason="needs ../shared/data/mbpp")
@@ -48,21 +48,10 @@ def test_the_headline_composition_builds_on_the_meta_device():
     """LLaDA-8B + LoRA + PRISM head + semi-AR PRISM sampler (blocks of 64, 12 remasks per block by
     the head, the authors' budget) + MBPP's test split: the model on the meta device, the sampler
     and the task's options as the paper's Table 1 runs them."""
-    import gin
-
-    from prism import cli
-
-    gin.clear_config()
-    try:
-        cli.parse_gin(["gin/mbpp/llada_lora_prism_semiar.gin"], [
-            "backbones.llada.model_name_or_path = None", "backbones.llada.preset = '8b'",
-            "backbones.llada.device = 'meta'"])
-        model = gin.get_configurable("models.mdm")()
-        sampler = gin.get_configurable("samplers.semi_ar")()
-        assert gin.query_parameter("tasks.mbpp.split") == "test"
-        assert gin.query_parameter("experiment.eval_task").selector == "tasks.mbpp"
-    finally:
-        gin.clear_config()
+    (model, sampler), (split, task) = compose_on_meta(
+        "gin/mbpp/llada_lora_prism_semiar.gin", "models.mdm", "samplers.semi_ar",
+        queries=["tasks.mbpp.split", "experiment.eval_task"])
+    assert split == "test" and task.selector == "tasks.mbpp"
     assert round(sum(p.numel() for p in model.backbone.parameters()) / 1e9, 2) == 8.02
     assert type(model.head).__name__ == "MLPHead"
     schedule = sampler.schedule
