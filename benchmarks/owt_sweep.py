@@ -226,7 +226,7 @@ def check_args(p, args):
     cli.check_bindings(args.bind)
 
 
-def main(argv=None):
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mdm", default="weights/owt/mdm.safetensors", help="the base text MDM's weights")
     p.add_argument("--head", default="weights/owt/prism_head.safetensors",
@@ -256,12 +256,12 @@ def main(argv=None):
     args.nfe = sorted(set(args.nfe))
     check_args(p, args)
     args.mdm, args.head = os.path.abspath(resolve(args.mdm)), os.path.abspath(resolve(args.head))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    load_builtin_components()
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "owt_sweep.json")
+    return args
+
+
+def start_results(args, argv, json_path: str, device) -> tuple:
+    """The results so far (``--resume``: OUT/owt_sweep.json, refused if made with other settings) and
+    this run's settings."""
     settings = {k: getattr(args, k) for k in ("mdm", "head", "mdm_gin", "prism_gin", "top_p", "loop_remask", "n", "batch_size", "seed",
                                               "metrics", "judge", "featurizer", "bind")}
     res = {"configs": {}, "reference": None}
@@ -275,6 +275,18 @@ def main(argv=None):
     res.update(argv=sys.argv if argv is None else ["benchmarks/owt_sweep.py"] + list(argv),
                versions=cli.package_versions(VERSIONED),
                git=cli.git_commit(), device=str(device), threads=torch.get_num_threads())
+    return res, settings
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    load_builtin_components()
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "owt_sweep.json")
+    res, settings = start_results(args, argv, json_path, device)
 
     exp = build(args, args.samplers[0], args.nfe[0])  # the task: references, decoding, seq_len
     task = exp.task

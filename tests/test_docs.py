@@ -58,3 +58,61 @@ def test_the_readme_python_example_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     value = float(re.search(r"tensor\(([0-9.]+)\)", proc.stdout).group(1))
     assert 0.0 <= value <= 1.0
+
+
+def documented_commands():
+    """(doc, command) for every shell command of the README and docs/ (continuation lines joined)."""
+    out = []
+    for doc in DOCS:
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", open(doc).read(), flags=re.S):
+            for cmd in re.sub(r"\\\n\s*", " ", block).splitlines():
+                cmd = cmd.split(" #")[0].strip()
+                if re.search(r"\b(run\.py|benchmarks/|-m prism\.|prism (train|sample|eval))", cmd):
+                    out.append((os.path.relpath(doc, REPO), cmd))
+    return out
+
+
+def test_documented_commands_name_real_things():
+    """Every documented command names files, modules, gin configurations and bindings that exist and
+    parse: a run.py command's gin files with its --bind bindings go through gin (every parameter named
+    must be a parameter of its configurable)."""
+    import importlib.util
+    import shlex
+
+    import gin
+
+    from prism import cli
+
+    bad = []
+    commands = documented_commands()
+    assert len(commands) > 30
+    for doc, cmd in commands:
+        try:
+            words = shlex.split(cmd.replace("$(", "").replace("${", "{"))
+        except ValueError as err:
+            bad.append((doc, cmd, f"shell: {err}"))
+            continue
+        for w in words:
+            if re.fullmatch(r"(benchmarks|accelerate_configs)/[\w./-]+\.(py|sh|yaml)", w) and not os.path.exists(os.path.join(REPO, w)):
+                bad.append((doc, cmd, f"no file {w}"))
+        for i, w in enumerate(words):
+            if w == "-m" and i + 1 < len(words) and words[i + 1].startswith("prism"):
+                if importlib.util.find_spec(words[i + 1]) is None:
+                    bad.append((doc, cmd, f"no module {words[i + 1]}"))
+        if "run.py" in words or re.search(r"\bprism (train|sample|eval)\b", cmd):
+            start = words.index("run.py") + 1 if "run.py" in words else words.index("prism") + 1
+            args = words[start + 1:]
+            configs = [a for a in args if a.endswith(".gin") and not a.startswith("-")]
+            binds = [args[i + 1] for i, a in enumerate(args) if a == "--bind" and i + 1 < len(args)]
+            gin.clear_config()
+            try:
+                cli.load_builtin_components()
+                for d in [args[i + 1] for i, a in enumerate(args) if a == "--user-dir"]:
+                    pass  # plugin folders exist only in the tutorial's own test (tests/test_plugins.py)
+                if "--user-dir" not in args:
+                    cli.parse_gin(configs, binds)
+            except SystemExit as err:
+                bad.append((doc, cmd, str(err)[:300]))
+            finally:
+                gin.clear_config()
+    assert not bad, "\n".join(f"{d}: {c}\n    {why}" for d, c, why in bad)
