@@ -116,3 +116,15 @@ def test_documented_commands_name_real_things():
             finally:
                 gin.clear_config()
     assert not bad, "\n".join(f"{d}: {c}\n    {why}" for d, c, why in bad)
+
+
+def test_the_prism_console_script_is_run_py():
+    """setup.cfg's console script ``prism`` is ``prism.cli:console``, the same CLI as ``python run.py``."""
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name == "prism"}
+    assert scripts == {"prism": "prism.cli:console"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['prism', '--help']; "
+                           "from prism.cli import console; console()"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "{train,sample,eval}" in proc.stdout
