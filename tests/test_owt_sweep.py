@@ -64,6 +64,7 @@ def sweep(d, binds, *extra):
     return proc
 
 
+@pytest.mark.slow  # 40 s: the default suite stays well under 15 minutes; CI runs it with -m slow
 def test_sweep_end_to_end_and_resume(tiny):
     d, binds = tiny
     sweep(d, binds)
