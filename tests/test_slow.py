@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO, run_py
 
-SHIPPED = os.path.join(REPO, "gin", "sudoku", "mdm.safetensors")
+SHIPPED = os.path.join(REPO, "weights", "sudoku", "mdm.safetensors")
 
 
 @pytest.mark.slow
