@@ -25,10 +25,12 @@ anything.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+import prism.paths as paths
 from prism.metrics.passk import pass_at_ks
 from tasks.base import Task
 from tasks.tokenizers import TokenizerMixin
@@ -37,20 +39,20 @@ EXEC_STATUSES = ("failed", "error", "limit", "timeout", "harness")
 
 
 class CodeTask(TokenizerMixin, Task):
-    """Base of the code tasks: a subclass sets ``task_name`` and ``problems`` and defines
-    ``prompt_text(problem)``, ``extract(text)`` and ``job(problem, program) -> {program, tests}``."""
+    """Base of the code tasks: a subclass sets ``task_name``, ``styles`` (its prompt styles, 'chat'
+    the one through the chat template), ``prompt_style`` and ``problems`` and defines
+    ``prompt_text(problem)``, ``extract(text)``, ``job(problem, program) -> {program, tests}`` and
+    ``reference_text(problem)`` (the reference solution as a model of its style answers: the oracle)."""
 
     task_name = "tasks.code"
+    styles: Tuple[str, ...] = ()
+    prompt_style = ""
     add_special_tokens = True  # a plain prompt gets the tokenizer's own special tokens (BOS)
 
     def __init__(self, tokenizer: Any, seq_len: int, gen_length: int, samples_per_problem: int, k: Sequence[int],
                  execute: bool, allow_execution: bool, workers: Optional[int], timeout: float, memory_mb: int,
                  max_processes: Optional[int], isolation: str, allow_weaker_isolation: bool,
                  results_file: Optional[str], cache_dir: Optional[str], corpus_scorers: Sequence[Any]):
-        import os
-
-        import prism.paths as paths
-
         if not 0 < gen_length < seq_len:
             raise ValueError(f"{self.task_name}: need 0 < gen_length < seq_len, got {gen_length} and {seq_len}")
         if samples_per_problem < 1 or any(int(x) < 1 for x in k):
@@ -84,8 +86,16 @@ class CodeTask(TokenizerMixin, Task):
     def job(self, problem: Dict[str, Any], program: str) -> Dict[str, str]:
         raise NotImplementedError
 
+    def reference_text(self, problem: Dict[str, Any]) -> str:
+        raise NotImplementedError
+
     def prompt_is_chat(self) -> bool:
-        return False
+        return self.prompt_style == "chat"
+
+    def check_tokenizer(self, tokenizer) -> None:
+        if self.prompt_is_chat():
+            others = " or ".join(repr(s) for s in self.styles if s != "chat")
+            self.needs_chat_template(tokenizer, "prompt_style='chat'", f"use prompt_style {others}")
 
     # ------------------------------------------------------------------------- prompts
     @property
@@ -109,17 +119,14 @@ class CodeTask(TokenizerMixin, Task):
         without the isolation asked for (``prism.sandbox.host.resolve_isolation``)."""
         if not self.execute:
             return
-        from prism.sandbox.executor import ExecutionNotAllowed, IsolationUnavailable, check_execution_allowed, resolve_isolation
+        from prism.sandbox.executor import ExecutionNotAllowed, check_execution_allowed, resolve_isolation
 
         try:
             check_execution_allowed(self.allow_execution)
         except ExecutionNotAllowed as err:
             raise ExecutionNotAllowed(f"{err} With gin: {self.task_name}.allow_execution = True (or {self.task_name}."
                                       "execute = False to generate without running anything).") from None
-        try:
-            resolve_isolation(self.isolation, self.allow_weaker_isolation)
-        except IsolationUnavailable as err:
-            raise IsolationUnavailable(str(err).replace("tasks.mbpp.", f"{self.task_name}.")) from None
+        resolve_isolation(self.isolation, self.allow_weaker_isolation, gin_name=self.task_name)
 
     def prepare(self) -> None:
         self.prompt_ids  # noqa: B018 - loads the problems, the tokenizer and checks the lengths
@@ -222,3 +229,17 @@ class CodeTask(TokenizerMixin, Task):
         for status in EXEC_STATUSES:
             metrics[f"exec_{status}"] = sum(r["status"] == status for r in rows) / max(len(rows), 1)
         return metrics
+
+
+def oracle_records(task: CodeTask, problems: Optional[Sequence[int]] = None) -> List[dict]:
+    """Records whose texts are the reference solutions of ``task``'s problems (positions in
+    ``task.problems``; default all) written in its style's answer format, as ``evaluate`` gathers them."""
+    chosen = range(len(task.problems)) if problems is None else problems
+    spp = task.samples_per_problem
+    return [{"index": p * spp + j, "text": task.reference_text(task.problems[p])} for p in chosen for j in range(spp)]
+
+
+def oracle_metrics(task: CodeTask, problems: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """``task.corpus_metrics`` of ``oracle_records``: pass@1 is 1.0 when extraction, the programs the
+    task assembles, the tests and the executor are right (every reference solution passes)."""
+    return task.corpus_metrics(oracle_records(task, problems))

@@ -34,7 +34,7 @@ import torch
 
 from registry import TASKS
 from tasks.code_task import CodeTask
-from tasks.mbpp_code import PRISM_INSTRUCTION, extract_program
+from tasks.mbpp_code import END_OF_TEXT, PRISM_INSTRUCTION, extract_program
 
 STYLES = ("completion", "chat", "prism")
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -90,6 +90,7 @@ class HumanEval(CodeTask):
     """HumanEval generation and execution-based scoring (this module's docstring and ``tasks.code_task``)."""
 
     task_name = "tasks.humaneval"
+    styles = STYLES
 
     def __init__(self, prompt_style: str = "completion", tokenizer: Any = "gpt2-chat", seq_len: int = 1024,
                  gen_length: int = 512, samples_per_problem: int = 1, k: Sequence[int] = (1,), execute: bool = True,
@@ -104,13 +105,6 @@ class HumanEval(CodeTask):
                          cache_dir, corpus_scorers)
         self.prompt_style, self.data_file = prompt_style, data_file
         self._problems = None
-
-    def check_tokenizer(self, tokenizer) -> None:
-        if self.prompt_style == "chat":
-            self.needs_chat_template(tokenizer, "prompt_style='chat'", "use prompt_style 'completion' or 'prism'")
-
-    def prompt_is_chat(self) -> bool:
-        return self.prompt_style == "chat"
 
     @property
     def problems(self) -> List[Dict[str, Any]]:
@@ -131,7 +125,7 @@ class HumanEval(CodeTask):
 
     def extract(self, text: str) -> str:
         if self.prompt_style == "completion":
-            for stop in ("<|eot_id|>", "<|endoftext|>"):
+            for stop in END_OF_TEXT:
                 text = text.split(stop, 1)[0]
             code = truncate_completion(text)
             return code if code.strip() else ""
@@ -142,6 +136,9 @@ class HumanEval(CodeTask):
             return {"program": problem["prompt"] + program, "tests": check_code(problem)}
         return {"program": assemble(problem, program), "tests": check_code(problem)}
 
+    def reference_text(self, problem: Dict[str, Any]) -> str:
+        return reference_answer(problem, self.prompt_style)
+
 
 def reference_answer(problem: Dict[str, Any], style: str) -> str:
     """The canonical solution written as a model of ``style`` should answer (the oracle's text)."""
@@ -149,13 +146,3 @@ def reference_answer(problem: Dict[str, Any], style: str) -> str:
         return problem["canonical_solution"]
     code = problem["prompt"] + problem["canonical_solution"]
     return f"```python\n{code}\n```" if style == "chat" else f"\n<py>\n{code}\n</py>"
-
-
-def oracle_metrics(task: HumanEval, problems: Optional[Sequence[int]] = None) -> Dict[str, float]:
-    """``task.corpus_metrics`` of the canonical solutions (positions in ``task.problems``; default all)
-    in the style's answer format: pass@1 = 1.0 when extraction, assembly and the executor are right."""
-    chosen = range(len(task.problems)) if problems is None else problems
-    spp = task.samples_per_problem
-    records = [{"index": p * spp + j, "text": reference_answer(task.problems[p], task.prompt_style)}
-               for p in chosen for j in range(spp)]
-    return task.corpus_metrics(records)

@@ -31,7 +31,7 @@ the program (``check_code``): the sanitized set's ``test_imports``, MBPP's ``tes
 out, so they always fail there), a ``Pair`` stub when the tests build ``Pair`` objects without
 defining it (as PRISM), the asserts (``challenge_test_list`` unused). ``timeout`` 3 s as in HF
 ``code_eval``, which task 123's reference only just meets on a busy machine.
-``oracle_metrics(task)`` scores the reference solutions in the style's answer format: pass@1 = 1.0.
+``tasks.code_task.oracle_metrics(task)`` scores the reference solutions in the style's answer format: pass@1 = 1.0.
 """
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ class MBPP(CodeTask):
     """MBPP generation and execution-based scoring (this module's docstring and ``tasks.code_task``)."""
 
     task_name = "tasks.mbpp"
+    styles = STYLES
 
     def __init__(self, split: str = "test", prompt_style: str = "prism", tokenizer: Any = "gpt2-chat",
                  seq_len: int = 1024, gen_length: int = 512, samples_per_problem: int = 1, k: Sequence[int] = (1,),
@@ -124,14 +125,7 @@ class MBPP(CodeTask):
         self.source, self.data_dir = source, data_dir
         self._problems = self._shots = None
 
-    # ------------------------------------------------------------------------- tokenizer and data
-    def check_tokenizer(self, tokenizer) -> None:
-        if self.prompt_style == "chat":
-            self.needs_chat_template(tokenizer, "prompt_style='chat'", "use prompt_style 'prism' or 'lm_eval'")
-
-    def prompt_is_chat(self) -> bool:
-        return self.prompt_style == "chat"
-
+    # ------------------------------------------------------------------------- data
     @property
     def problems(self) -> List[Dict[str, Any]]:
         if self._problems is None:
@@ -173,17 +167,5 @@ class MBPP(CodeTask):
     def job(self, problem: Dict[str, Any], program: str) -> Dict[str, str]:
         return {"program": program, "tests": check_code(problem, self.setup_code)}
 
-
-def oracle_records(task: MBPP, problems: Optional[Sequence[int]] = None) -> List[dict]:
-    """Records whose texts are the reference solutions of ``task``'s problems (positions in
-    ``task.problems``; default all) written in its style's answer format, as ``evaluate`` gathers them."""
-    chosen = range(len(task.problems)) if problems is None else problems
-    spp = task.samples_per_problem
-    return [{"index": p * spp + j, "text": reference_answer(task.problems[p], task.prompt_style)}
-            for p in chosen for j in range(spp)]
-
-
-def oracle_metrics(task: MBPP, problems: Optional[Sequence[int]] = None) -> Dict[str, float]:
-    """``task.corpus_metrics`` of ``oracle_records``: pass@1 is 1.0 when extraction, the test
-    programs and the executor are right (every MBPP reference solution passes its tests)."""
-    return task.corpus_metrics(oracle_records(task, problems))
+    def reference_text(self, problem: Dict[str, Any]) -> str:
+        return reference_answer(problem, self.prompt_style)

@@ -58,7 +58,7 @@ import torch
 import prism.paths as paths
 from registry import TASKS
 from tasks.base import Task
-from tasks.tokenizers import resolve_tokenizer
+from tasks.tokenizers import gpt2_files, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = "1"
@@ -234,8 +234,7 @@ class TextTask(Task):
 
     def data_files(self) -> List[str]:
         """The GPT-2 files of the default tokenizer, and the Wikipedia files while they are not cached."""
-        gpt2 = os.path.join(paths.DATA_ROOT, "tokenizers", "gpt2")
-        files = [os.path.join(gpt2, "vocab.json"), os.path.join(gpt2, "merges.txt")] if self.tokenizer_spec is None else []
+        files = gpt2_files() if self.tokenizer_spec is None else []
         if self.source == WIKI_SOURCE and not os.path.exists(os.path.join(wiki_dir(), "SHA256SUMS")):
             files.append(os.path.join(wiki_dir(), "SHA256SUMS"))
         return files

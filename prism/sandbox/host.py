@@ -223,11 +223,13 @@ def _missing(level: str, info: Dict[str, Any]) -> str:
             "subtree with memory and pids in cgroup.subtree_control)")
 
 
-def resolve_isolation(isolation: str = "auto", allow_weaker_isolation: bool = False) -> Dict[str, Any]:
+def resolve_isolation(isolation: str = "auto", allow_weaker_isolation: bool = False,
+                      gin_name: str = "tasks.mbpp") -> Dict[str, Any]:
     """The sandbox settings for a request: ``'auto'`` (the strongest available, at least
     ``namespaces``), ``'strict'``, ``'namespaces'`` or ``'none'`` (asked for by name: allowed).
     A request the machine cannot meet raises ``IsolationUnavailable`` saying what is missing, unless
-    ``allow_weaker_isolation`` (then the strongest available is used, and recorded)."""
+    ``allow_weaker_isolation`` (then the strongest available is used, and recorded). ``gin_name``: the
+    configurable whose options the refusal names (the task that runs the code)."""
     if isolation not in ("auto",) + LEVELS:
         raise ValueError(f"isolation must be one of {('auto',) + LEVELS}, got {isolation!r}")
     info = sandbox_info()
@@ -237,7 +239,7 @@ def resolve_isolation(isolation: str = "auto", allow_weaker_isolation: bool = Fa
             f"the code sandbox needs isolation {want!r} but this machine gives {info['level']!r}: "
             f"{_missing(want, info)}. To run generated code with weaker isolation, ask for it by name: "
             "allow_weaker_isolation=True (the strongest available is used and recorded), or isolation="
-            f"'{info['level']}' (gin: tasks.mbpp.allow_weaker_isolation = True or tasks.mbpp.isolation = "
+            f"'{info['level']}' (gin: {gin_name}.allow_weaker_isolation = True or {gin_name}.isolation = "
             f"'{info['level']}').")
     level = info["level"] if isolation == "auto" or allow_weaker_isolation else want
     level = LEVELS[min(LEVELS.index(level), LEVELS.index(info["level"]))]
