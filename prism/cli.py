@@ -103,7 +103,7 @@ def run_info(args: argparse.Namespace, accelerator) -> dict:
 
 @gin.configurable("run")
 def run_options(
-    mixed_precision: str = "no",
+    mixed_precision: Optional[str] = None,
     log_with: Optional[str] = None,
     eval_before_train: bool = False,
     eval_after_train: bool = False,
@@ -111,7 +111,8 @@ def run_options(
     overwrite: bool = False,
     find_unused_parameters: bool = False,
 ):
-    """Process-level settings. ``mixed_precision``: 'no' | 'bf16' | 'fp16' (fp16 needs CUDA);
+    """Process-level settings. ``mixed_precision``: 'no' | 'bf16' | 'fp16' (fp16 needs CUDA), or None
+    (default): the launcher's choice (``accelerate launch``'s config or ``--mixed_precision``), else 'no';
     ``log_with``: an Accelerate tracker ('tensorboard', 'wandb', ...); ``eval_before_train`` /
     ``eval_after_train``: run ``evaluate`` around training and print a results table;
     ``overwrite``: as ``--overwrite`` (for demo runs whose results are cheap to remake);

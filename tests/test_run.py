@@ -152,6 +152,23 @@ def test_two_processes_synchronise_gradients(tiny_gin, tmp_path):
     assert moved
 
 
+def test_mixed_precision_follows_the_launcher_unless_gin_sets_it(monkeypatch, capsys):
+    """run.mixed_precision None follows ``accelerate launch``'s config (ACCELERATE_MIXED_PRECISION),
+    'no' without a launcher; a gin value wins and says so when it overrides a launcher's bf16."""
+    from prism.training.distributed import mixed_precision_choice
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert mixed_precision_choice(None) == "no" and mixed_precision_choice("bf16") == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert mixed_precision_choice(None) == "bf16"
+    assert capsys.readouterr().err == ""
+    assert mixed_precision_choice("no") == "no"
+    assert "overrides the launcher's mixed_precision = 'bf16'" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert mixed_precision_choice("bf16") == "bf16" and capsys.readouterr().err == ""
+
+
 def test_bf16_mixed_precision_on_cpu(tiny_gin, tmp_path):
     """A bf16 run computes in bf16: its losses are finite, close to those of the same run in fp32
     (same seed, same batches) and not equal to them; equal losses would mean train.py's forward never

@@ -8,6 +8,7 @@ scalars, so nothing scales with the model on the wire or in memory (no float32 c
 from __future__ import annotations
 
 import os
+import sys
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -207,6 +208,20 @@ class EMA:
             local(self.shadow[k]).copy_(v)
 
 
+def mixed_precision_choice(gin_value: Optional[str]) -> str:
+    """``run.mixed_precision`` where the gin configuration sets it, else the launcher's choice
+    (``accelerate launch`` passes its config's ``mixed_precision`` as ACCELERATE_MIXED_PRECISION), else
+    'no'. Accelerate lets an explicit argument override the launcher silently; a gin value that
+    overrides a launcher's mixed precision is announced instead."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if gin_value is None:
+        return launcher or "no"
+    if launcher not in (None, "no", gin_value) and os.environ.get("RANK", "0") == "0":
+        print(f"run.mixed_precision = {gin_value!r} overrides the launcher's mixed_precision = {launcher!r} "
+              "(bind run.mixed_precision = None to follow the launcher)", file=sys.stderr, flush=True)
+    return gin_value
+
+
 def make_accelerator(opts: dict, output_dir: str):
     """The process-level Accelerator from ``run.*`` options: CPU mode (gloo) where there is no CUDA or
     ACCELERATE_USE_CPU is set, at most one process per visible GPU, FSDP2 on CPU with PRISM_CPU_FSDP=1."""
@@ -230,25 +245,33 @@ def make_accelerator(opts: dict, output_dir: str):
         from accelerate.utils import DistributedDataParallelKwargs
 
         kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=opts["mixed_precision"], log_with=opts["log_with"],
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision_choice(opts.get("mixed_precision")), log_with=opts["log_with"],
                               project_dir=output_dir, step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
-    if cpu and os.environ.get("PRISM_CPU_FSDP", "").lower() in ("1", "true", "yes"):
-        cpu_fsdp2(accelerator)
+    # accelerate launch with an FSDP config sets ACCELERATE_USE_FSDP; on CPU processes Accelerate
+    # would quietly fall back to DDP, so the sharded layout asked for is set up here instead.
+    launcher_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    if cpu and (launcher_fsdp or os.environ.get("PRISM_CPU_FSDP", "").lower() in ("1", "true", "yes")):
+        if launcher_fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+            raise SystemExit("the accelerate config asks for FSDP version 1, which runs only on GPUs here; on CPU "
+                             "processes use fsdp_version: 2 (accelerate_configs/fsdp2.yaml)")
+        cpu_fsdp2(accelerator, from_launcher=launcher_fsdp)
     return accelerator
 
 
-def cpu_fsdp2(accelerator) -> None:
+def cpu_fsdp2(accelerator, from_launcher: bool = False) -> None:
     """FSDP2 over gloo on CPU processes, for tests and for trying a sharded run without GPUs.
     Accelerate only offers FSDP on accelerators, although torch's ``fully_shard`` runs on CPU; this
-    switches the state of an Accelerator built with ``cpu=True`` before anything is prepared."""
+    switches the state of an Accelerator built with ``cpu=True`` before anything is prepared. Under
+    ``accelerate launch`` the plugin reads the config's FSDP_* settings (wrap class, resharding)."""
     from accelerate import FullyShardedDataParallelPlugin
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     if accelerator.num_processes < 2:
-        raise SystemExit("PRISM_CPU_FSDP=1 needs at least 2 processes (torchrun --nproc_per_node 2)")
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
-                                            state_dict_type="SHARDED_STATE_DICT")
+        raise SystemExit("FSDP on CPU processes needs at least 2 of them (torchrun --nproc_per_node 2, "
+                         "accelerate launch --num_processes 2)")
+    plugin = FullyShardedDataParallelPlugin() if from_launcher else FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT")
     for state in (AcceleratorState(), PartialState()):
         state.distributed_type = DistributedType.FSDP
     AcceleratorState().fsdp_plugin = plugin
