@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import gin
 
-from prism.config import GinConfigError
+from prism.config import GinConfigError, resolve_config
 from prism.config import check_bindings as _check_bindings, parse_gin as _parse_gin
 from prism.paths import REPO_ROOT, write_text_atomic
 from prism.training.distributed import make_accelerator  # noqa: F401  (run.make_accelerator for callers)
@@ -38,7 +38,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("configs", nargs="+", help="gin files (paths, or relative to the repo's gin/ folder)")
     p.add_argument("--bind", action="append", default=[], help='a gin binding, e.g. "train.steps = 10"')
     p.add_argument("--user-dir", action="append", default=[], help="a plugin directory to import")
-    p.add_argument("--output-dir", default=None, help="default: runs/<name of the first gin file>")
+    p.add_argument("--output-dir", default=None, help="default: runs/<name of the first gin file>, under the working directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true",
                    help="train from scratch even though --output-dir holds checkpoints (they are deleted)")
@@ -131,6 +131,16 @@ def format_table(rows: List[dict], columns: List[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def default_output_dir(config: str) -> str:
+    """runs/<folder>/<name> for gin/<folder>/<name>.gin (gin/sft/tiny.gin and gin/owt/tiny.gin must not
+    share a run), runs/<name> for a gin file elsewhere; under the working directory, where the docs'
+    next commands look for it."""
+    path = os.path.abspath(resolve_config(config))
+    gin_root = os.path.join(REPO_ROOT, "gin") + os.sep
+    name = os.path.relpath(path, gin_root) if path.startswith(gin_root) else os.path.basename(path)
+    return os.path.join("runs", os.path.splitext(name)[0])
 
 
 def check_output_dir(args: argparse.Namespace, output_dir: str) -> None:
@@ -299,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from prism.training.checkpoints import RunDir
 
-    output_dir = args.output_dir or os.path.join(REPO_ROOT, "runs", os.path.splitext(os.path.basename(args.configs[0]))[0])
+    output_dir = args.output_dir or default_output_dir(args.configs[0])
     os.makedirs(output_dir, exist_ok=True)
     opts = run_options()
     args.overwrite = args.overwrite or opts["overwrite"]

@@ -16,7 +16,7 @@ built without ``experiment.adapter``. ``--hub`` writes OUT as a folder in the Hu
 (``prism.hub_adapter``): ``peft.PeftModel.from_pretrained`` loads it onto the released base model, the
 quality head and a model card beside; ``experiment.init_adapter = OUT`` (or its Hub id) loads it back.
 
-    python -m prism.export runs/llada_lora_prism adapters/llada-prism --hub
+    python -m prism.export runs/sft/llada_lora_prism adapters/llada-prism --hub
 """
 from __future__ import annotations
 

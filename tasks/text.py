@@ -1,6 +1,6 @@
 """``tasks.text``: unconditional text (OpenWebText-style) for MDLM training and sampling.
 
-**Sources** (``source``):
+**Sources** (``source``; read by ``tasks.text_corpus``):
 
 - ``'wikipedia-offline'`` (default): ``DATA_ROOT/text/wikipedia_en_wikiextractor/wiki_*`` (WikiExtractor
   output: ``<doc id=.. url=.. title=..>`` / title line / body / ``</doc>``), the articles whose body
@@ -16,7 +16,7 @@ fraction; None: 100,000 for ``'openwebtext'``, as MDLM's ``openwebtext-valid = t
 5%). Each side is wrapped on its own, so no block holds text of both. ``max_documents`` keeps only the
 first N documents of the source (before the split): for tests and quick runs.
 
-**Preprocessing: MDLM's ``wrap``.** Every document is tokenised without special tokens and followed
+**Preprocessing: MDLM's ``wrap``** (``tasks.text_corpus.fill_blocks``). Every document is tokenised without special tokens and followed
 by EOS; the documents of a split are concatenated and cut into chunks of ``seq_len - 2`` tokens, each
 stored as ``[BOS] + chunk + [EOS]`` (the remainder that fills no chunk is dropped). GPT-2 has a single
 ``<|endoftext|>`` (50256) for both, so with it a block starts and ends with 50256 and documents are
@@ -47,10 +47,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,87 +57,13 @@ import torch
 import prism.paths as paths
 from registry import TASKS
 from tasks.base import Task
+from tasks.text_corpus import (LOCAL_FORMATS, OWT_EVAL_DOCUMENTS, WIKI_SOURCE, fill_blocks, load_wikiextractor,
+                               local_files, wiki_dir)
 from tasks.tokenizers import gpt2_files, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = "1"
-WIKI_SOURCE = "wikipedia-offline"
-WIKI_DIR = os.path.join("text", "wikipedia_en_wikiextractor")
-OWT_EVAL_DOCUMENTS = 100_000  # MDLM: openwebtext-valid = train[-100000:]
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
-DOC_RE = re.compile(r'<doc id="(\d+)"[^>]*>\n(.*?)</doc>', re.S)
 MASK_TEXT = "<|mask|>"  # how decode shows a mask token left in a sequence
-
-
-# ----------------------------------------------------------------------------- wrapping
-def fill_blocks(pieces: Iterable[np.ndarray], out: np.ndarray, bos: int, eos: int) -> None:
-    """Write the concatenation of ``pieces`` (1-D token arrays) into ``out`` (n, L) as MDLM's wrapped
-    blocks ``[BOS] + next L - 2 tokens + [EOS]``; tokens beyond ``n`` full chunks are dropped."""
-    n, L = out.shape
-    body, row = L - 2, 0
-    left = np.zeros(0, dtype=out.dtype)
-    for piece in pieces:
-        cat = np.concatenate([left, np.asarray(piece, dtype=out.dtype)])
-        k = min(len(cat) // body, n - row)
-        out[row : row + k, 1:-1] = cat[: k * body].reshape(k, body)
-        row, left = row + k, cat[k * body :]
-    if row != n:
-        raise ValueError(f"wrap: the pieces filled {row} blocks, expected {n}")
-    out[:, 0], out[:, -1] = bos, eos
-
-
-def wrap_documents(docs: Iterable[Sequence[int]], seq_len: int, bos: int, eos: int,
-                   dtype=np.int64) -> np.ndarray:
-    """MDLM's ``wrap`` of tokenised documents (without special tokens): each followed by EOS,
-    concatenated, cut into (n, seq_len) blocks ``[BOS] + seq_len - 2 tokens + [EOS]``."""
-    if seq_len < 3:
-        raise ValueError(f"wrap needs seq_len >= 3 (BOS, a token, EOS), got {seq_len}")
-    pieces = [np.asarray(list(d) + [eos], dtype=dtype) for d in docs]
-    out = np.empty((sum(map(len, pieces)) // (seq_len - 2), seq_len), dtype=dtype)
-    fill_blocks(pieces, out, bos, eos)
-    return out
-
-
-# ----------------------------------------------------------------------------- sources
-def wiki_dir() -> str:
-    return os.path.join(paths.DATA_ROOT, WIKI_DIR)
-
-
-def load_wikiextractor(directory: str, min_chars: int = 200, max_documents: Optional[int] = None) -> List[str]:
-    """The article bodies (title line dropped, stripped) of the WikiExtractor files ``wiki_*`` in
-    ``directory`` with at least ``min_chars`` characters, in file order (the first ``max_documents``)."""
-    files = sorted(glob.glob(os.path.join(directory, "wiki_*")))
-    if not files:
-        raise FileNotFoundError(f"no WikiExtractor files wiki_* in {directory} (set the PRISM_DATA variable)")
-    docs: List[str] = []
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            for _, body in DOC_RE.findall(f.read()):
-                body = body.split("\n", 1)[1].strip() if "\n" in body else ""
-                if len(body) >= min_chars:
-                    docs.append(body)
-                    if max_documents is not None and len(docs) >= max_documents:
-                        return docs
-    return docs
-
-
-def local_files(source: Any) -> Optional[List[str]]:
-    """The files of a local source (a path, a glob or a list of them), or None for a hub id / name."""
-    items = list(source) if isinstance(source, (list, tuple)) else [source]
-    if not all(isinstance(s, str) for s in items):
-        raise TypeError(f"tasks.text source must be a string or a list of paths, got {source!r}")
-    if not isinstance(source, (list, tuple)) and not any(source.endswith(e) for e in LOCAL_FORMATS):
-        return None
-    files: List[str] = []
-    for item in map(os.path.expanduser, items):
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else ([item] if os.path.exists(item) else [])
-        if not found:
-            raise FileNotFoundError(f"tasks.text source: no file {item!r}")
-        files += [os.path.abspath(p) for p in found]
-    exts = {os.path.splitext(p)[1] for p in files}
-    if len(exts) != 1 or not exts <= set(LOCAL_FORMATS):
-        raise ValueError(f"tasks.text source files must all be one of {sorted(LOCAL_FORMATS)}, got {sorted(exts)}")
-    return files
 
 
 # ----------------------------------------------------------------------------- the task

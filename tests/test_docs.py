@@ -67,6 +67,8 @@ def documented_commands():
         for block in re.findall(r"```(?:bash|sh)\n(.*?)```", open(doc).read(), flags=re.S):
             for cmd in re.sub(r"\\\n\s*", " ", block).splitlines():
                 cmd = cmd.split(" #")[0].strip()
+                if cmd.startswith("#"):
+                    continue
                 if re.search(r"\b(run\.py|benchmarks/|-m prism\.|prism (train|sample|eval))", cmd):
                     out.append((os.path.relpath(doc, REPO), cmd))
     return out

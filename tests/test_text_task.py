@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, run_py
-from tasks.text import MASK_TEXT, TextTask, fill_blocks, load_wikiextractor, wrap_documents
+from tasks.text import MASK_TEXT, TextTask
+from tasks.text_corpus import fill_blocks, load_wikiextractor, wrap_documents
 
 WIKI = os.path.join(SHARED_DATA, "text", "wikipedia_en_wikiextractor")
 GPT2 = os.path.join(SHARED_DATA, "tokenizers", "gpt2")

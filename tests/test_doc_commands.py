@@ -1,0 +1,264 @@
+"""Every shell command of the README and docs/ runs here, in a workspace of its own (a folder whose
+gin/, weights/, benchmarks/ ... are links to the checkout, so the commands' relative paths work and
+nothing they write lands in the checkout).
+
+A cheap command runs as written. An expensive one is *rehearsed*: the same command line (launcher,
+accelerate config, gin files, the command's own bindings) with bindings appended that shrink it to
+this machine — they come last, so they win — listed per command in REHEARSALS:
+
+- LLaDA-8B: a 2-layer LLaDA written in the released layout (config.json + shards + index, the file
+  format the 8B loads from), LoRA r 8, the offline GPT-2 chat tokenizer, MBPP's train split as SFT
+  data, 2 training steps, 2 problems scored by the executor;
+- MDLM-OWT (170M): the test-sized DiT on the offline Wikipedia text, the offline judges;
+- Sudoku: 2 training steps, 8 puzzles;
+- ``accelerate launch --config_file X``: 2 CPU processes (``--num_processes 2``) with X's settings
+  (FSDP2 shards over gloo; DeepSpeed runs only where it is installed with GPUs).
+
+A command that needs what this machine lacks (CUDA, DeepSpeed) is skipped with the reason; one run by
+another test at a small size (benchmarks/full_size.py's profiles) names that test, which must exist.
+The fast test checks that every documented command has exactly one plan here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from prism.cli import default_output_dir
+from test_docs import documented_commands
+
+SUDOKU = ("train.steps = 2", "train.max_minutes = None", "tasks.sudoku.n_train_grids = 64", "train.batch_size = 8",
+          "train.save_every = 1", "evaluate.limit = 8", "evaluate.batch_size = 8")
+LLADA_8B = ("backbones.llada.model_name_or_path = '{ws}/llada_small'", "backbones.llada.mask_id = 50257",
+            "adapters.lora.rank = 8", "adapters.lora.alpha = 8",
+            "tasks.sft.source = 'mbpp-train'", "tasks.sft.tokenizer = 'gpt2-chat'", "tasks.sft.cache_dir = '{ws}/cache'",
+            "tasks.sft.seq_len = 160", "tasks.sft.gen_length = 64", "losses.prism.window = 64",
+            "losses.prism.mask_window = 64", "train.steps = 2", "train.batch_size = 1", "train.grad_accum = 1",
+            "train.warmup_steps = 0", "train.save_every = 1", "evaluate.limit = 2", "evaluate.batch_size = 2")
+CODE_EVAL = ("tasks.mbpp.tokenizer = 'gpt2-chat'", "tasks.mbpp.gen_length = 32", "tasks.humaneval.tokenizer = 'gpt2-chat'",
+             "tasks.humaneval.gen_length = 32", "STEPS = 16", "BLOCK_LENGTH = 16")
+OWT_SMALL = ("train.steps = 2", "train.max_minutes = None", "train.save_every = 1", "tasks.text.n_eval = 4")
+OWT_FULL = ("DIT_PRESET = 'test'", "tasks.text.source = 'wikipedia-offline'", "tasks.text.seq_len = 128",
+            "tasks.text.num_proc = 1", "tasks.text.n_eval = 4", "train.steps = 2", "train.batch_size = 2",
+            "train.warmup_steps = 0", "train.save_every = 1")
+SWEEP = ("--nfe", "4", "--n", "4", "--batch-size", "4", "--samples-at", "4", "--metrics", "entropy")
+LLADA_TRAIN = "fsdp2_llada.yaml run.py train gin/sft/llada_lora_prism.gin"
+ADAPTER = "runs/sft/llada_lora_prism/checkpoints/step_00000002/weights.safetensors"
+
+
+@dataclass(frozen=True)
+class Plan:
+    binds: Tuple[str, ...] = ()      # appended --bind values of a run.py command
+    args: Tuple[str, ...] = ()       # appended arguments of a benchmark (argparse: the last one wins)
+    sub: Tuple[Tuple[str, str], ...] = ()  # (old, new) in the command line
+    after: Tuple[str, ...] = ()      # patterns of documented commands whose runs this one reads
+    skip_unless: Optional[str] = None  # 'cuda' | 'deepspeed'
+    covered_by: Optional[str] = None  # 'tests/file.py::test_name' running the same script smaller
+
+
+REHEARSALS = {
+    # README
+    r"run\.py eval gin/sudoku/quickstart\.gin$": Plan(binds=("evaluate.limit = 8",)),
+    r"run\.py train gin/sudoku/quickstart_finetune\.gin$": Plan(binds=SUDOKU),
+    # docs/configuration.md, docs/samplers.md
+    r"run\.py eval gin/sudoku/mdm\.gin .*steps101": Plan(binds=("evaluate.limit = 8",)),
+    r"run\.py eval gin/sudoku/prism\.gin gin/samplers/semi_ar\.gin": Plan(binds=("evaluate.limit = 8",)),
+    r"ddp\.yaml run\.py eval +gin/mbpp/llada_lora_prism_semiar\.gin gin/samplers/semi_ar_fast\.gin":
+        Plan(binds=LLADA_8B + CODE_EVAL, after=(LLADA_TRAIN,)),
+    # docs/testing.md, docs/performance.md
+    r"^bash benchmarks/gpu_check\.sh$": Plan(skip_unless="cuda"),
+    r"^GPU_CHECK_QUICK=1 bash benchmarks/gpu_check\.sh$": Plan(),
+    r"full_size\.py llada8b$": Plan(covered_by="tests/test_full_size.py::test_llada_small_runs_every_phase_and_resumes"),
+    r"full_size\.py llada_small$": Plan(covered_by="tests/test_full_size.py::test_llada_small_runs_every_phase_and_resumes"),
+    r"full_size\.py mdlm_owt$": Plan(covered_by="tests/test_full_size.py::test_mdlm_small_converts_trains_and_sweeps"),
+    # docs/distributed.md
+    r"torchrun --standalone --nproc_per_node 2 run\.py train gin/sudoku/mdm\.gin --output-dir runs/ddp$": Plan(binds=SUDOKU),
+    r"ddp\.yaml +run\.py train gin/sudoku/mdm\.gin$": Plan(binds=SUDOKU),
+    r"fsdp2\.yaml run\.py train gin/sudoku/mdm\.gin$": Plan(binds=SUDOKU),
+    r"zero3\.yaml run\.py train gin/sudoku/mdm\.gin": Plan(binds=SUDOKU, skip_unless="deepspeed"),
+    # docs/plugins.md: the tutorial's files are written by its own test
+    r"run\.py train my_plugins/sudoku_bigru\.gin": Plan(covered_by="tests/test_plugins.py::test_plugin_with_user_dir"),
+    r"run\.py eval +my_plugins/sudoku_bigru\.gin": Plan(covered_by="tests/test_plugins.py::test_plugin_with_user_dir"),
+    # docs/experiments/owt.md
+    r"run\.py train gin/owt/tiny\.gin$": Plan(),
+    r"run\.py train gin/owt/small_cpu\.gin": Plan(binds=OWT_SMALL),
+    r"run\.py train gin/owt/prism_cpu\.gin": Plan(binds=OWT_SMALL),
+    r"owt_sweep\.py --samplers": Plan(args=SWEEP),
+    r"ddp\.yaml run\.py train gin/owt/prism_mdlm_owt\.gin": Plan(binds=OWT_FULL + ("train.ema_decay = 0.0",),
+                                                                  after=("make runs/mdlm_owt.safetensors",)),
+    r"owt_sweep\.py --mdm-gin gin/owt/mdlm_owt\.gin": Plan(
+        args=SWEEP + ("--judge", "smollm2-135m", "--featurizer", "minilm") + sum((("--bind", b) for b in OWT_FULL[:4]), ()),
+        sub=(("step_00020000", "step_00000002"),), after=("prism_mdlm_owt.gin  --output-dir",)),
+    # docs/experiments/sudoku.md
+    r"nproc_per_node 2 run\.py train gin/sudoku/mdm\.gin +--output-dir runs/sudoku_mdm": Plan(binds=SUDOKU),
+    r"nproc_per_node 2 run\.py train gin/sudoku/prism\.gin": Plan(binds=SUDOKU),
+    r"nproc_per_node 2 run\.py train gin/sudoku/token_critic\.gin": Plan(binds=SUDOKU),
+    r"nproc_per_node 2 run\.py train gin/sudoku/prism_kuniform\.gin": Plan(binds=SUDOKU),
+    # docs/experiments/llada_mbpp.md
+    r"^python run\.py train gin/sft/tiny\.gin$": Plan(),
+    r"run\.py train gin/sft/tiny\.gin --resume": Plan(after=("^python run.py train gin/sft/tiny.gin$",)),
+    r"fsdp2_llada\.yaml run\.py train gin/sft/llada_lora_prism\.gin$": Plan(binds=LLADA_8B),
+    r"zero3_llada\.yaml run\.py train gin/sft/llada_lora_prism\.gin$": Plan(binds=LLADA_8B, skip_unless="deepspeed"),
+    r"run\.py sample gin/sft/llada_lora_prism\.gin": Plan(binds=LLADA_8B, sub=(("step_00044000", "step_00000002"),),
+                                                          after=(LLADA_TRAIN,)),
+    r"run\.py train gin/mbpp/tiny\.gin$": Plan(binds=("train.steps = 2", "evaluate.limit = 2")),
+    r"run\.py eval gin/mbpp/tiny\.gin$": Plan(binds=("evaluate.limit = 2",), after=("run.py train gin/mbpp/tiny.gin$",)),
+    r"run\.py eval gin/humaneval/tiny\.gin$": Plan(binds=("evaluate.limit = 2",)),
+    r"accelerate launch run\.py eval gin/humaneval/llada_lora_prism_semiar\.gin": Plan(binds=LLADA_8B + CODE_EVAL,
+                                                                                       after=(LLADA_TRAIN,)),
+    r"ddp\.yaml run\.py eval \$G .*K_BLOCK = 6\"  --bind \"experiment\.init": Plan(binds=LLADA_8B + CODE_EVAL, after=(LLADA_TRAIN,)),
+    r"ddp\.yaml run\.py eval \$G .*remask_rules\.random": Plan(binds=LLADA_8B + CODE_EVAL, after=(LLADA_TRAIN,)),
+    r"ddp\.yaml run\.py eval \$G .*K_BLOCK = 0": Plan(binds=LLADA_8B + CODE_EVAL),
+}
+# Prerequisites that no documented command makes: a released-scale file the docs assume downloaded.
+SETUP = {
+    # MDLM's OWT checkpoint (170M): the test-sized DiT trained 1 step stands in for it
+    "make runs/mdlm_owt.safetensors": "python run.py train gin/owt/tiny.gin --output-dir runs/_mdlm_owt --bind \"DIT_PRESET = 'test'\" "
+                                      "--bind 'train.steps = 1' --bind 'run.eval_after_train = False' && "
+                                      "cp runs/_mdlm_owt/checkpoints/step_00000001/weights.safetensors runs/mdlm_owt.safetensors",
+}
+
+
+def plan_of(cmd: str) -> Tuple[str, Plan]:
+    hits = [(k, p) for k, p in REHEARSALS.items() if re.search(k, cmd)]
+    assert len(hits) == 1, f"{cmd!r} matches {len(hits)} rehearsal plans: {[k for k, _ in hits]}"
+    return hits[0]
+
+
+def test_every_documented_command_has_one_plan():
+    """A command added to the docs without a plan here fails this test; a plan no command uses too."""
+    commands = [c for _, c in documented_commands()]
+    used = {plan_of(c)[0] for c in commands}
+    assert used == set(REHEARSALS), f"plans without a documented command: {set(REHEARSALS) - used}"
+    for cmd in commands:
+        plan = plan_of(cmd)[1]
+        for pattern in plan.after:
+            assert pattern in SETUP or sum(bool(re.search(pattern, c)) for c in commands) == 1, (cmd, pattern)
+        if plan.covered_by:
+            path, name = plan.covered_by.split("::")
+            assert f"def {name}(" in open(os.path.join(REPO, path)).read(), plan.covered_by
+            script = re.search(r"benchmarks/\w+\.py|my_plugins", cmd).group(0)
+            assert os.path.basename(script) in open(os.path.join(REPO, path)).read() or "plugin" in path
+
+
+class Workspace:
+    """A folder that looks like the checkout to the commands and keeps what they write."""
+
+    def __init__(self, root: str):
+        self.root = root
+        for name in ("run.py", "gin", "weights", "accelerate_configs", "prism", "tasks", "registry", "tests", "setup.cfg"):
+            os.symlink(os.path.join(REPO, name), os.path.join(root, name))
+        os.makedirs(os.path.join(root, "benchmarks", "results"))
+        for name in os.listdir(os.path.join(REPO, "benchmarks")):
+            if name.endswith((".py", ".sh")):
+                os.symlink(os.path.join(REPO, "benchmarks", name), os.path.join(root, "benchmarks", name))
+        self.done = {}
+        self.env = dict(os.environ, PRISM_DATA=SHARED_DATA, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0",
+                        HF_HUB_OFFLINE="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                        G="gin/mbpp/llada_lora_prism_semiar.gin", ADAPTER=ADAPTER)
+        self.env.pop("ACCELERATE_MIXED_PRECISION", None)
+
+    def llada_weights(self) -> None:
+        """The 2-layer LLaDA of benchmarks/full_size.py's small profile, in the released layout."""
+        if not os.path.exists(os.path.join(self.root, "llada_small")):
+            sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+            from full_size_llada import write_llada
+            from full_size_phases import PROFILES
+
+            write_llada(PROFILES["llada_small"], os.path.join(self.root, "llada_small"))
+
+    def rehearsal(self, cmd: str) -> str:
+        """The command line this test runs for a documented command."""
+        plan = plan_of(cmd)[1]
+        for old, new in plan.sub:
+            cmd = cmd.replace(old, new)
+        if "accelerate launch --config_file" in cmd:
+            cmd = cmd.replace("accelerate launch --config_file", "accelerate launch --num_processes 2 --config_file")
+        words = shlex.split(cmd.replace("$G", self.env["G"]).replace("$ADAPTER", ADAPTER))
+        if re.search(r"\brun\.py (train|eval|sample)\b", cmd):
+            if "--output-dir" not in words:  # the default runs/<gin name> made explicit, so `after` finds it
+                words += ["--output-dir", default_output_dir(words[words.index("run.py") + 2])]
+            for b in plan.binds:
+                words += ["--bind", b.format(ws=self.root)]
+        words += list(plan.args)
+        return " ".join(shlex.quote(w) if not re.fullmatch(r"[A-Z_]+=\S*", w) else w for w in words)
+
+    def run(self, cmd: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        """Run a documented command's rehearsal once (and first the runs it reads)."""
+        if cmd in self.done:
+            return self.done[cmd]
+        commands = [c for _, c in documented_commands()]
+        for pattern in plan_of(cmd)[1].after if cmd not in SETUP else ():
+            prior = SETUP.get(pattern) or next(c for c in commands if re.search(pattern, c))
+            proc = self.run(prior) if pattern not in SETUP else self.shell(SETUP[pattern], timeout)
+            assert proc.returncode == 0, f"{prior} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        if "llada_small" in "".join(plan_of(cmd)[1].binds):
+            self.llada_weights()
+        self.done[cmd] = self.shell(self.rehearsal(cmd), timeout)
+        return self.done[cmd]
+
+    def shell(self, line: str, timeout: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", line], cwd=self.root, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = Workspace(str(tmp_path_factory.mktemp("docs_workspace")))
+    yield ws
+    shutil.rmtree(ws.root, ignore_errors=True)
+
+
+def params():
+    out = []
+    for doc, cmd in documented_commands():
+        hits = [p for k, p in REHEARSALS.items() if re.search(k, cmd)]
+        if len(hits) != 1:
+            continue  # test_every_documented_command_has_one_plan says which
+        plan = hits[0]
+        if not plan.covered_by:
+            out.append(pytest.param(cmd, id=f"{doc}:{cmd[:70]}"))
+    return out
+
+
+def missing(plan: Plan) -> Optional[str]:
+    if plan.skip_unless == "cuda":
+        import torch
+
+        return None if torch.cuda.is_available() else "needs CUDA (a GPU machine)"
+    if plan.skip_unless == "deepspeed":
+        import torch
+
+        ok = importlib.util.find_spec("deepspeed") is not None and torch.cuda.is_available()
+        return None if ok else "needs DeepSpeed with GPUs"
+    return None
+
+
+def check(ws: Workspace, cmd: str) -> None:
+    plan = plan_of(cmd)[1]
+    reason = missing(plan)
+    if reason:
+        pytest.skip(reason)
+    proc = ws.run(cmd)
+    line = ws.rehearsal(cmd)
+    assert proc.returncode == 0, f"{line}\nfailed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    out = re.search(r"--output-dir (\S+)", line)
+    if out and " train " in f" {line} ":
+        assert os.path.exists(os.path.join(ws.root, out.group(1), "metrics.jsonl")), line
+    if out and re.search(r" (eval|sample) ", line):
+        assert os.listdir(os.path.join(ws.root, out.group(1))), line
+
+
+@pytest.mark.slow  # 33 commands, about N minutes on 2 cores
+@pytest.mark.parametrize("cmd", params())
+def test_documented_command_rehearsed(workspace, cmd):
+    check(workspace, cmd)
