@@ -35,6 +35,8 @@ Other keys are allowed (e.g. problem ids), as tensors or lists with B entries.
 """
 from __future__ import annotations
 
+import glob
+import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -122,3 +124,23 @@ class Task:
         if self.tokenizer is not None:
             return self.tokenizer.decode(ids)
         return " ".join(map(str, ids))
+
+
+def local_files(source: Any, formats: Dict[str, str], owner: str) -> Optional[List[str]]:
+    """The files of a local data source (a path, a glob or a list of them) with one of ``formats``'
+    extensions, or None for a hub id / name; ``owner`` (e.g. 'tasks.sft') names the task in errors."""
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not all(isinstance(s, str) for s in items):
+        raise TypeError(f"{owner} source must be a string or a list of paths, got {source!r}")
+    if not isinstance(source, (list, tuple)) and not any(source.endswith(e) for e in formats):
+        return None
+    files: List[str] = []
+    for item in map(os.path.expanduser, items):
+        found = sorted(glob.glob(item)) if glob.has_magic(item) else ([item] if os.path.exists(item) else [])
+        if not found:
+            raise FileNotFoundError(f"{owner} source: no file {item!r}")
+        files += [os.path.abspath(p) for p in found]
+    exts = {os.path.splitext(p)[1] for p in files}
+    if len(exts) != 1 or not exts <= set(formats):
+        raise ValueError(f"{owner} source files must all be one of {sorted(formats)}, got {sorted(exts)}")
+    return files

@@ -3,13 +3,13 @@ split), local ``.jsonl`` / ``.json`` / ``.parquet`` files, or a hub dataset; and
 source's content in the cache key."""
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional
 
 import prism.paths as paths
+from tasks.base import local_files
 
 MBPP_SPLITS = {"mbpp-train": (601, 974), "mbpp-validation": (511, 600)}
 MBPP_TEST = (11, 510)  # never read by this task
@@ -43,33 +43,13 @@ def load_mbpp(name: str, data_dir: Optional[str] = None) -> List[Dict[str, Any]]
              "test_list": list(r["test_list"])} for r in rows]
 
 
-def _local_files(source: Any) -> Optional[List[str]]:
-    """The files of a local source (a path, a glob or a list of them), or None for a hub id / name."""
-    items = list(source) if isinstance(source, (list, tuple)) else [source]
-    if not all(isinstance(s, str) for s in items):
-        raise TypeError(f"tasks.sft source must be a string or a list of paths, got {source!r}")
-    if not isinstance(source, (list, tuple)) and not any(source.endswith(e) for e in LOCAL_FORMATS):
-        return None
-    files: List[str] = []
-    for item in items:
-        item = os.path.expanduser(item)
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else ([item] if os.path.exists(item) else [])
-        if not found:
-            raise FileNotFoundError(f"tasks.sft source: no file {item!r}")
-        files += [os.path.abspath(p) for p in found]
-    exts = {os.path.splitext(p)[1] for p in files}
-    if len(exts) != 1 or not exts <= set(LOCAL_FORMATS):
-        raise ValueError(f"tasks.sft source files must all be one of {sorted(LOCAL_FORMATS)}, got {sorted(exts)}")
-    return files
-
-
 def describe_source(source: Any, subset: Optional[str], split: str) -> Any:
     """What identifies a source's content in the cache key."""
     if isinstance(source, str) and source in MBPP_SPLITS:  # by content: the same key on every machine
         p = os.path.join(paths.DATA_ROOT, "mbpp", "mbpp.jsonl")
         digest = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.exists(p) else None
         return [source, digest]
-    files = _local_files(source)
+    files = local_files(source, LOCAL_FORMATS, "tasks.sft")
     if files is not None:
         return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
     return ["hub", source, subset, split]
@@ -83,7 +63,7 @@ def load_source(source: Any, subset: Optional[str], split: str, prompt_field: st
 
     if isinstance(source, str) and (source in MBPP_SPLITS or source.startswith("mbpp-")):
         return datasets.Dataset.from_list(load_mbpp(source)), "instruction", "output"
-    files = _local_files(source)
+    files = local_files(source, LOCAL_FORMATS, "tasks.sft")
     try:
         if files is not None:
             fmt = LOCAL_FORMATS[os.path.splitext(files[0])[1]]

@@ -56,9 +56,9 @@ import torch
 
 import prism.paths as paths
 from registry import TASKS
-from tasks.base import Task
+from tasks.base import Task, local_files
 from tasks.text_corpus import (LOCAL_FORMATS, OWT_EVAL_DOCUMENTS, WIKI_SOURCE, fill_blocks, load_wikiextractor,
-                               local_files, wiki_dir)
+                               wiki_dir)
 from tasks.tokenizers import gpt2_files, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class TextTask(Task):
                 return [WIKI_SOURCE, hashlib.sha256(open(sums, "rb").read()).hexdigest()]
             files = sorted(glob.glob(os.path.join(wiki_dir(), "wiki_*")))
             return [WIKI_SOURCE] + [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
-        files = local_files(self.source)
+        files = local_files(self.source, LOCAL_FORMATS, "tasks.text")
         if files is not None:
             return [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
         return ["hub", self.source, self.subset, self.split]
@@ -213,7 +213,7 @@ class TextTask(Task):
         if self.source == WIKI_SOURCE:
             docs = load_wikiextractor(wiki_dir(), self.min_chars, self.max_documents)
             return datasets.Dataset.from_dict({self.text_field: docs})
-        files = local_files(self.source)
+        files = local_files(self.source, LOCAL_FORMATS, "tasks.text")
         try:
             if files is not None and files[0].endswith(".txt"):
                 docs = [open(p, encoding="utf-8").read() for p in files]

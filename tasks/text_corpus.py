@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -69,22 +69,3 @@ def load_wikiextractor(directory: str, min_chars: int = 200, max_documents: Opti
                     if max_documents is not None and len(docs) >= max_documents:
                         return docs
     return docs
-
-
-def local_files(source: Any) -> Optional[List[str]]:
-    """The files of a local source (a path, a glob or a list of them), or None for a hub id / name."""
-    items = list(source) if isinstance(source, (list, tuple)) else [source]
-    if not all(isinstance(s, str) for s in items):
-        raise TypeError(f"tasks.text source must be a string or a list of paths, got {source!r}")
-    if not isinstance(source, (list, tuple)) and not any(source.endswith(e) for e in LOCAL_FORMATS):
-        return None
-    files: List[str] = []
-    for item in map(os.path.expanduser, items):
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else ([item] if os.path.exists(item) else [])
-        if not found:
-            raise FileNotFoundError(f"tasks.text source: no file {item!r}")
-        files += [os.path.abspath(p) for p in found]
-    exts = {os.path.splitext(p)[1] for p in files}
-    if len(exts) != 1 or not exts <= set(LOCAL_FORMATS):
-        raise ValueError(f"tasks.text source files must all be one of {sorted(LOCAL_FORMATS)}, got {sorted(exts)}")
-    return files

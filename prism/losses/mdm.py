@@ -22,6 +22,18 @@ from registry import LOSSES
 NORMALIZE = ("tokens", "sequence")
 
 
+def corrupt(loss, mask_id: int, batch, generator):
+    """The forward process q(z_t | x) of a training batch (MDLM, Sahoo et al. 2024, §3): per sequence
+    t ~ U[ε, 1] (antithetic if ``loss.antithetic``), each free position of x masked with probability
+    1 − α_t under ``loss.noise``; positions fixed by the batch (a prompt) or beyond
+    ``loss.mask_window`` never. Returns (x, fixed, t, z_t, masked)."""
+    x = batch["input_ids"]
+    fixed = limit_to_window(batch["fixed"], loss.mask_window)
+    t = sample_t(x.shape[0], loss.eps, loss.antithetic, generator).to(x.device)
+    z, masked = mask_tokens(x, t, mask_id, fixed, generator, loss.noise)
+    return x, fixed, t, z, masked
+
+
 def check_normalize(normalize: str) -> None:
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE} (per batch token or per sequence), got {normalize!r}")
@@ -42,12 +54,8 @@ class MDLMLoss(Loss):
         self.noise = noise or LOGLINEAR
 
     def forward(self, model, batch, generator) -> LossOutput:
-        x = batch["input_ids"]
-        fixed = limit_to_window(batch["fixed"], self.mask_window)
-        attention_mask = batch.get("attention_mask")
-        t = sample_t(x.shape[0], self.eps, self.antithetic, generator).to(x.device)
-        z, masked = mask_tokens(x, t, model.mask_id, fixed, generator, self.noise)
-        out = model(z, attention_mask=attention_mask, t=t)
+        x, fixed, t, z, masked = corrupt(self, model.mask_id, batch, generator)
+        out = model(z, attention_mask=batch.get("attention_mask"), t=t)
         return self.nelbo(out.log_probs, x, masked, fixed, self.noise.weight(t), self.normalize)
 
     @staticmethod

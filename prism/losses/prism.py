@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from prism.metrics.calibration import expected_calibration_error
 from prism.losses.base import Loss, LossOutput
-from prism.losses.mdm import MDLMLoss, check_normalize
-from prism.masking import LOGLINEAR, NoiseSchedule, limit_to_window, mask_tokens, sample_t
+from prism.losses.mdm import MDLMLoss, check_normalize, corrupt
+from prism.masking import LOGLINEAR, NoiseSchedule
 from prism.model import MDM
 from prism.ops import categorical_draw, select_top
 from registry import LOSSES
@@ -136,11 +136,8 @@ class PRISMLoss(Loss):
         return y, filled, (tokens == x) & filled
 
     def forward(self, model, batch, generator) -> LossOutput:
-        x = batch["input_ids"]
-        fixed = limit_to_window(batch["fixed"], self.mask_window)
+        x, fixed, t, z, masked = corrupt(self, model.mask_id, batch, generator)
         attention_mask = batch.get("attention_mask")
-        t = sample_t(x.shape[0], self.eps, self.antithetic, generator).to(x.device)
-        z, masked = mask_tokens(x, t, model.mask_id, fixed, generator, self.noise)
         # pass 1 (on z): the MDM term; when the backbone is frozen it needs no graph
         backbone_trains = any(p.requires_grad for p in model.backbone.parameters())
         with torch.set_grad_enabled(backbone_trains and torch.is_grad_enabled()):
