@@ -1,6 +1,6 @@
 """Every shell command of the README and docs/ runs here, in a workspace of its own (a folder whose
-gin/, weights/, benchmarks/ ... are links to the checkout, so the commands' relative paths work and
-nothing they write lands in the checkout).
+gin/, benchmarks/*.py, ... are links to the checkout and whose weights/ is a copy, so the commands'
+relative paths work and nothing they write lands in the checkout).
 
 A cheap command runs as written. An expensive one is *rehearsed*: the same command line (launcher,
 accelerate config, gin files, the command's own bindings) with bindings appended that shrink it to
@@ -9,7 +9,8 @@ this machine — they come last, so they win — listed per command in REHEARSAL
 - LLaDA-8B: a 2-layer LLaDA written in the released layout (config.json + shards + index, the file
   format the 8B loads from), LoRA r 8, the offline GPT-2 chat tokenizer, MBPP's train split as SFT
   data, 2 training steps, 2 problems scored by the executor;
-- MDLM-OWT (170M): the test-sized DiT on the offline Wikipedia text, the offline judges;
+- MDLM-OWT (170M): the test-sized DiT on the offline Wikipedia text, the offline judges; MDLM's
+  Lightning .ckpt: one written here in its layout (``write_mdlm_ckpt``);
 - Sudoku: 2 training steps, 8 puzzles;
 - ``accelerate launch --config_file X``: 2 CPU processes (``--num_processes 2``) with X's settings
   (FSDP2 shards over gloo; DeepSpeed runs only where it is installed with GPUs).
@@ -28,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -54,6 +56,7 @@ OWT_FULL = ("DIT_PRESET = 'test'", "tasks.text.source = 'wikipedia-offline'", "t
             "train.warmup_steps = 0", "train.save_every = 1")
 SWEEP = ("--nfe", "4", "--n", "4", "--batch-size", "4", "--samples-at", "4", "--metrics", "entropy")
 ALLOW = (("PRISM_ALLOW_CODE_EXECUTION", "1"),)
+MDLM_CONVERT = r"prism\.mdlm_weights convert mdlm\.ckpt runs/mdlm_owt\.safetensors$"
 LLADA_TRAIN = "fsdp2_llada.yaml run.py train gin/sft/llada_lora_prism.gin"
 ADAPTER = "runs/sft/llada_lora_prism/checkpoints/step_00000002/weights.safetensors"
 
@@ -73,6 +76,8 @@ REHEARSALS = {
     # README
     r"run\.py eval gin/sudoku/quickstart\.gin$": Plan(binds=("evaluate.limit = 8",)),
     r"run\.py train gin/sudoku/quickstart_finetune\.gin$": Plan(binds=SUDOKU),
+    r"^python -m prism\.data list$": Plan(),
+    r"^python -m prism\.data fetch sudoku": Plan(),  # the files are present: checked, nothing fetched
     # docs/configuration.md, docs/samplers.md
     r"run\.py eval gin/sudoku/mdm\.gin .*steps101": Plan(binds=("evaluate.limit = 8",)),
     r"run\.py eval gin/sudoku/prism\.gin gin/samplers/semi_ar\.gin": Plan(binds=("evaluate.limit = 8",)),
@@ -97,8 +102,12 @@ REHEARSALS = {
     r"run\.py train gin/owt/small_cpu\.gin": Plan(binds=OWT_SMALL),
     r"run\.py train gin/owt/prism_cpu\.gin": Plan(binds=OWT_SMALL),
     r"owt_sweep\.py --samplers": Plan(args=SWEEP),
+    r"prism\.export runs/owt_mdm ": Plan(after=(r"train gin/owt/small_cpu\.gin",)),
+    r"prism\.export runs/owt_prism ": Plan(after=(r"train gin/owt/prism_cpu\.gin",)),
+    r"prism\.mdlm_weights convert mdlm\.ckpt runs/mdlm_owt\.safetensors$": Plan(after=("make mdlm.ckpt",)),
+    r"prism\.mdlm_weights convert mdlm\.ckpt runs/mdlm_raw": Plan(after=("make mdlm.ckpt",)),
     r"ddp\.yaml run\.py train gin/owt/prism_mdlm_owt\.gin": Plan(binds=OWT_FULL + ("train.ema_decay = 0.0",),
-                                                                  after=("make runs/mdlm_owt.safetensors",)),
+                                                                  after=(MDLM_CONVERT,)),
     r"owt_sweep\.py --mdm-gin gin/owt/mdlm_owt\.gin": Plan(
         args=SWEEP + ("--judge", "smollm2-135m", "--featurizer", "minilm") + sum((("--bind", b) for b in OWT_FULL[:5]), ()),
         sub=(("step_00020000", "step_00000002"),), after=("prism_mdlm_owt.gin  --output-dir",)),
@@ -107,6 +116,10 @@ REHEARSALS = {
     r"nproc_per_node 2 run\.py train gin/sudoku/prism\.gin": Plan(binds=SUDOKU),
     r"nproc_per_node 2 run\.py train gin/sudoku/token_critic\.gin": Plan(binds=SUDOKU),
     r"nproc_per_node 2 run\.py train gin/sudoku/prism_kuniform\.gin": Plan(binds=SUDOKU),
+    r"prism\.export runs/sudoku_mdm ": Plan(after=(r"nproc_per_node 2 run\.py train gin/sudoku/mdm\.gin +--output-dir runs/sudoku_mdm",)),
+    r"prism\.export runs/prism ": Plan(after=(r"nproc_per_node 2 run\.py train gin/sudoku/prism\.gin",)),
+    r"prism\.export runs/token_critic ": Plan(after=(r"nproc_per_node 2 run\.py train gin/sudoku/token_critic\.gin",)),
+    r"prism\.export runs/prism_kuniform ": Plan(after=(r"nproc_per_node 2 run\.py train gin/sudoku/prism_kuniform\.gin",)),
     # docs/experiments/llada_mbpp.md
     r"^python run\.py train gin/sft/tiny\.gin$": Plan(),
     r"run\.py train gin/sft/tiny\.gin --resume": Plan(after=("^python run.py train gin/sft/tiny.gin$",)),
@@ -123,13 +136,25 @@ REHEARSALS = {
     r"ddp\.yaml run\.py eval \$G .*remask_rules\.random": Plan(binds=LLADA_8B + CODE_EVAL, after=(LLADA_TRAIN,), env=ALLOW),
     r"ddp\.yaml run\.py eval \$G .*K_BLOCK = 0": Plan(binds=LLADA_8B + CODE_EVAL, env=ALLOW),
 }
-# Prerequisites that no documented command makes: a released-scale file the docs assume downloaded.
-SETUP = {
-    # MDLM's OWT checkpoint (170M): the test-sized DiT trained 1 step stands in for it
-    "make runs/mdlm_owt.safetensors": "python run.py train gin/owt/tiny.gin --output-dir runs/_mdlm_owt --bind \"DIT_PRESET = 'test'\" "
-                                      "--bind 'train.steps = 1' --bind 'run.eval_after_train = False' && "
-                                      "cp runs/_mdlm_owt/checkpoints/step_00000001/weights.safetensors runs/mdlm_owt.safetensors",
-}
+# Prerequisites that no documented command makes: a released file the docs assume downloaded.
+def write_mdlm_ckpt(ws: "Workspace") -> None:
+    """MDLM's Lightning .ckpt (state_dict with the rotary buffer, the EMA's shadow_params in MDLM's
+    order, hyper_parameters) of the test-sized DiT over GPT-2 + mask, standing in for MDLM-OWT's."""
+    import torch
+
+    from prism.backbones.dit import DiT
+    from prism.mdlm_weights import mdlm_hf_state, mdlm_parameter_names
+    from prism.model import MDM
+
+    torch.manual_seed(0)
+    model = MDM(DiT(preset="test", vocab_size=50258, mask_id=50257))
+    ema = mdlm_hf_state(model, rotary=False)
+    torch.save({"state_dict": mdlm_hf_state(model), "hyper_parameters": {"config": {"backbone": "dit"}},
+                "ema": {"decay": 0.9999, "shadow_params": [ema[n] for n in mdlm_parameter_names(2)]}},
+               os.path.join(ws.root, "mdlm.ckpt"))
+
+
+SETUP = {"make mdlm.ckpt": write_mdlm_ckpt}
 
 
 def plan_of(cmd: str) -> Tuple[str, Plan]:
@@ -146,7 +171,7 @@ def test_every_documented_command_has_one_plan():
     for cmd in commands:
         plan = plan_of(cmd)[1]
         for pattern in plan.after:
-            assert pattern in SETUP or sum(bool(re.search(pattern, c)) for c in commands) == 1, (cmd, pattern)
+            assert pattern in SETUP or any(re.search(pattern, c) for c in commands), (cmd, pattern)
         if plan.covered_by:
             path, name = plan.covered_by.split("::")
             assert f"def {name}(" in open(os.path.join(REPO, path)).read(), plan.covered_by
@@ -159,8 +184,9 @@ class Workspace:
 
     def __init__(self, root: str):
         self.root = root
-        for name in ("run.py", "gin", "weights", "accelerate_configs", "prism", "tasks", "registry", "tests", "setup.cfg"):
+        for name in ("run.py", "gin", "accelerate_configs", "prism", "tasks", "registry", "tests", "setup.cfg"):
             os.symlink(os.path.join(REPO, name), os.path.join(root, name))
+        shutil.copytree(os.path.join(REPO, "weights"), os.path.join(root, "weights"))  # the export commands write there
         os.makedirs(os.path.join(root, "benchmarks", "results"))
         for name in os.listdir(os.path.join(REPO, "benchmarks")):
             if name.endswith((".py", ".sh")):
@@ -189,8 +215,6 @@ class Workspace:
             cmd = cmd.replace("accelerate launch --config_file", "accelerate launch --num_processes 2 --config_file")
         words = shlex.split(cmd.replace("$G", self.env["G"]).replace("$ADAPTER", ADAPTER))
         if re.search(r"\brun\.py (train|eval|sample)\b", cmd):
-            if "--output-dir" not in words:  # the default runs/<gin name> made explicit, so `after` finds it
-                words += ["--output-dir", default_output_dir(words[words.index("run.py") + 2])]
             for b in plan.binds:
                 words += ["--bind", b.format(ws=self.root)]
         words += list(plan.args)
@@ -201,9 +225,13 @@ class Workspace:
         if cmd in self.done:
             return self.done[cmd]
         commands = [c for _, c in documented_commands()]
-        for pattern in plan_of(cmd)[1].after if cmd not in SETUP else ():
-            prior = SETUP.get(pattern) or next(c for c in commands if re.search(pattern, c))
-            proc = self.run(prior) if pattern not in SETUP else self.shell(SETUP[pattern], timeout)
+        for pattern in plan_of(cmd)[1].after:
+            if pattern in SETUP:
+                if pattern not in self.done:
+                    self.done[pattern] = SETUP[pattern](self)
+                continue
+            prior = next(c for c in commands if re.search(pattern, c))
+            proc = self.run(prior)
             assert proc.returncode == 0, f"{prior} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         if "llada_small" in "".join(plan_of(cmd)[1].binds):
             self.llada_weights()
@@ -220,8 +248,11 @@ class Workspace:
 
 
 def output_dir(line: str) -> Optional[str]:
-    found = re.search(r"--output-dir (\S+)", line)
-    return found.group(1) if found else None
+    """Where a run.py command writes: its --output-dir, else run.py's default for its first gin file."""
+    words = shlex.split(line)
+    if "--output-dir" in words:
+        return words[words.index("--output-dir") + 1]
+    return default_output_dir(words[words.index("run.py") + 2]) if "run.py" in words else None
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +292,18 @@ def check(ws: Workspace, cmd: str) -> None:
     reason = missing(plan)
     if reason:
         pytest.skip(reason)
+    started = time.time()
     proc = ws.run(cmd)
     line = ws.rehearsal(cmd)
     assert proc.returncode == 0, f"{line}\nfailed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    written = re.search(r"-m prism\.(export|mdlm_weights convert) \S+ (\S+)", line)
+    if written:  # a weights file, written by this command (the workspace's weights/ is a copy)
+        from safetensors import safe_open
+
+        path = os.path.join(ws.root, written.group(2))
+        assert os.path.getmtime(path) >= started - 1, path
+        with safe_open(path, "pt") as f:
+            assert list(f.keys()), path
     out = output_dir(line)
     if not out:
         return

@@ -69,7 +69,7 @@ def documented_commands():
                 cmd = cmd.split(" #")[0].strip()
                 if cmd.startswith("#"):
                     continue
-                if re.search(r"\b(run\.py|benchmarks/|-m prism\.|prism (train|sample|eval))", cmd):
+                if re.search(r"\brun\.py|\bbenchmarks/|-m prism\.|\bprism (train|sample|eval)\b", cmd):
                     out.append((os.path.relpath(doc, REPO), cmd))
     return out
 

@@ -169,6 +169,18 @@ def test_mixed_precision_follows_the_launcher_unless_gin_sets_it(monkeypatch, ca
     assert mixed_precision_choice("bf16") == "bf16" and capsys.readouterr().err == ""
 
 
+def test_an_fsdp1_accelerate_config_on_cpu_processes_is_refused_before_the_accelerator(monkeypatch, tmp_path):
+    """accelerate launch with an FSDP1 config on a machine without CUDA: a clear refusal (Accelerate
+    itself would fall back to DDP without a word), before anything is built."""
+    from prism.training.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(SystemExit, match="FSDP version 1, which runs only on GPUs.*fsdp_version: 2"):
+        make_accelerator({"mixed_precision": None, "log_with": None}, str(tmp_path))
+
+
 def test_bf16_mixed_precision_on_cpu(tiny_gin, tmp_path):
     """A bf16 run computes in bf16: its losses are finite, close to those of the same run in fp32
     (same seed, same batches) and not equal to them; equal losses would mean train.py's forward never

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from prism.paths import DATA_ROOT
-from prism.metrics.text import (
-    DEFAULT_REFERENCES, MINILM, _chunked_head_ok, SMOLLM2, Entropy, GenerativePerplexity, Mauve, featurize, load_causal_lm,
-    load_featurizer, mauve_from_features, read_texts, reference_metrics, score_texts, scored_targets,
-    token_weighted_ppl, unigram_entropy,
+from prism.metrics.lm_scoring import (
+    DEFAULT_REFERENCES, MINILM, SMOLLM2, chunked_head_ok, featurize, load_causal_lm, load_featurizer, mauve_from_features,
+    read_texts, score_texts, scored_targets, token_weighted_ppl, unigram_entropy,
 )
+from prism.metrics.text import Entropy, GenerativePerplexity, Mauve, reference_metrics
 
 GPT2_TOKENIZER = os.path.join(DATA_ROOT, "tokenizers", "gpt2")
 EOS = "<|endoftext|>"
@@ -275,7 +275,7 @@ def smollm2():
 def test_smollm2_gen_ppl_sentence_below_shuffled(smollm2):
     model, tokenizer = smollm2
     metric = GenerativePerplexity(judge=SMOLLM2)
-    metric._model = (model, tokenizer, _chunked_head_ok(model, torch.device("cpu")))
+    metric._model = (model, tokenizer, chunked_head_ok(model, torch.device("cpu")))
     assert metric._model[2]  # SmolLM2's logits are its output embeddings of the last hidden state
     plain = metric([{"index": 0, "text": SENTENCE, "tokens": []}])
     shuffled = metric([{"index": 0, "text": shuffled_words(SENTENCE), "tokens": []}])

@@ -224,7 +224,8 @@ def mixed_precision_choice(gin_value: Optional[str]) -> str:
 
 def make_accelerator(opts: dict, output_dir: str):
     """The process-level Accelerator from ``run.*`` options: CPU mode (gloo) where there is no CUDA or
-    ACCELERATE_USE_CPU is set, at most one process per visible GPU, FSDP2 on CPU with PRISM_CPU_FSDP=1."""
+    ACCELERATE_USE_CPU is set, at most one process per visible GPU, the launcher's mixed precision
+    unless gin sets one, FSDP2 on CPU processes under an FSDP2 accelerate config or PRISM_CPU_FSDP=1."""
     from accelerate import Accelerator
 
     # On a machine without CUDA, Accelerate must be told to use the CPU for DDP (gloo); without it,
@@ -245,15 +246,16 @@ def make_accelerator(opts: dict, output_dir: str):
         from accelerate.utils import DistributedDataParallelKwargs
 
         kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision_choice(opts.get("mixed_precision")), log_with=opts["log_with"],
-                              project_dir=output_dir, step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
     # accelerate launch with an FSDP config sets ACCELERATE_USE_FSDP; on CPU processes Accelerate
-    # would quietly fall back to DDP, so the sharded layout asked for is set up here instead.
-    launcher_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    # would quietly fall back to DDP, so the sharded layout asked for is set up below instead.
+    launcher_fsdp = cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    if launcher_fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise SystemExit("the accelerate config asks for FSDP version 1, which runs only on GPUs here; on CPU "
+                         "processes use fsdp_version: 2 (accelerate_configs/fsdp2.yaml)")
+    precision = mixed_precision_choice(opts.get("mixed_precision"))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=opts["log_with"], project_dir=output_dir,
+                              step_scheduler_with_optimizer=False, kwargs_handlers=kwargs)
     if cpu and (launcher_fsdp or os.environ.get("PRISM_CPU_FSDP", "").lower() in ("1", "true", "yes")):
-        if launcher_fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
-            raise SystemExit("the accelerate config asks for FSDP version 1, which runs only on GPUs here; on CPU "
-                             "processes use fsdp_version: 2 (accelerate_configs/fsdp2.yaml)")
         cpu_fsdp2(accelerator, from_launcher=launcher_fsdp)
     return accelerator
 
