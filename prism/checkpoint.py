@@ -233,7 +233,9 @@ def mismatch_message(path: str, missing: List[str], unexpected: List[str], shape
 # ------------------------------------------------------------------------------------- writing
 def write_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[dict] = None) -> None:
     """Atomic: written to a temporary file beside ``path`` and renamed into place; on any failure the
-    temporary file is removed and ``path`` (old content or none) is untouched."""
+    temporary file is removed and ``path`` (old content or none) is untouched. Missing parent
+    folders are made (``convert mdlm.ckpt runs/x.safetensors`` in a fresh clone has no runs/)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     try:
         save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})

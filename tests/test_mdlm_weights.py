@@ -129,8 +129,8 @@ def test_lightning_ckpt_gives_the_ema_or_the_state_dict_weights(tmp_path):
     load_mdlm_lightning(target, path, use_ema=False)
     assert torch.equal(logits(target), logits(raw))
     assert all(torch.equal(a, b) for a, b in zip(target.parameters(), raw.parameters()))
-    # the converter writes PRISM's layout, loaded with no key map
-    out = str(tmp_path / "mdlm.safetensors")
+    # the converter writes PRISM's layout, loaded with no key map (into a folder it makes: runs/ of a fresh clone)
+    out = str(tmp_path / "runs" / "mdlm.safetensors")
     main(["convert", path, out])
     assert sorted(load_file(out)) == sorted(n for n, _ in target.named_parameters())
     load_weights(target, out)
