@@ -224,8 +224,8 @@ class Workspace:
         """Run a documented command's rehearsal once (and first the runs it reads)."""
         if cmd in self.done:
             return self.done[cmd]
-        commands = [c for _, c in documented_commands()]
-        for pattern in plan_of(cmd)[1].after:
+        plan, commands = plan_of(cmd)[1], [c for _, c in documented_commands()]
+        for pattern in plan.after:
             if pattern in SETUP:
                 if pattern not in self.done:
                     self.done[pattern] = SETUP[pattern](self)
@@ -233,9 +233,9 @@ class Workspace:
             prior = next(c for c in commands if re.search(pattern, c))
             proc = self.run(prior)
             assert proc.returncode == 0, f"{prior} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        if "llada_small" in "".join(plan_of(cmd)[1].binds):
+        if "llada_small" in "".join(plan.binds):
             self.llada_weights()
-        plan, line = plan_of(cmd)[1], self.rehearsal(cmd)
+        line = self.rehearsal(cmd)
         out = output_dir(line)
         if out and not plan.after and os.path.isdir(os.path.join(self.root, out)):
             shutil.rmtree(os.path.join(self.root, out))  # an earlier command's run in the same default folder
@@ -278,15 +278,13 @@ def params():
 
 
 def missing(plan: Plan) -> Optional[str]:
-    if plan.skip_unless == "cuda":
-        import torch
+    """Why this machine cannot run the command (None: it can)."""
+    import torch
 
-        return None if torch.cuda.is_available() else "needs CUDA (a GPU machine)"
-    if plan.skip_unless == "deepspeed":
-        import torch
-
-        ok = importlib.util.find_spec("deepspeed") is not None and torch.cuda.is_available()
-        return None if ok else "needs DeepSpeed with GPUs"
+    if plan.skip_unless == "cuda" and not torch.cuda.is_available():
+        return "needs CUDA (a GPU machine)"
+    if plan.skip_unless == "deepspeed" and not (importlib.util.find_spec("deepspeed") and torch.cuda.is_available()):
+        return "needs DeepSpeed with GPUs"
     return None
 
 
