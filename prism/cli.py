@@ -226,8 +226,8 @@ def check_data_first(command: str, opts: dict) -> None:
 
 
 def setup(args: argparse.Namespace, opts: dict, run_dir, accelerator):
-    """Checks (data, opt-ins, output directory) before any model is built, then the experiment with
-    its weights and the run's config and run information written; returns (experiment, weights, seed)."""
+    """Checks (data, opt-ins: ``check_data_first``) before any model is built, then the experiment with
+    its weights and the run's config and run information written; returns (experiment, weights)."""
     from accelerate.utils import set_seed
 
     from prism.experiment import build_experiment
@@ -239,13 +239,13 @@ def setup(args: argparse.Namespace, opts: dict, run_dir, accelerator):
     set_seed(seed)  # same seed on every rank: identical initial weights (DDP also broadcasts them)
     check_data_first(args.command, opts)
     exp = build_experiment()
-    scored = opts["eval_before_train"] or opts["eval_after_train"]
+    around = opts["eval_before_train"] or opts["eval_after_train"]  # evaluations around training
     if args.command == "train":
         with accelerator.main_process_first():  # e.g. generate and cache data once, not once per rank
             exp.task.prepare()
-            if exp.eval_task is not exp.task and scored:
+            if exp.eval_task is not exp.task and around:
                 exp.eval_task.prepare()
-        if scored:
+        if around:
             check_eval_inputs(exp)  # before the first step, not after the last
         if args.overwrite and not args.resume and accelerator.is_main_process:
             run_dir.clear_training()
